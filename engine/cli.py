@@ -1,0 +1,110 @@
+"""`dualfocus`: the project's command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from .config import DEFAULT_MODEL, EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags, shared by every subcommand that starts an engine."""
+    d = EngineConfig()
+    g = p.add_argument_group("engine (passed through to vLLM)")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="tiny-llava or tiny-qwen2-vl (built locally if missing), a checkpoint folder, "
+                        "or a hub name (default: %(default)s)")
+    g.add_argument("--family", default="auto", choices=["auto", "llava", "qwen2_vl", "qwen2_5_vl"],
+                   help="model family; auto reads config.json's model_type (default: %(default)s)")
+    g.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context length (default: %(default)s)")
+    g.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib,
+                   help="KV cache size in GiB (default: vLLM's for the device)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None, help="GPU memory fraction (GPU only)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="default: %(default)s")
+    g.add_argument("--data-parallel-size", type=int, default=1, help="default: %(default)s")
+    g.add_argument("--no-prefix-caching", action="store_true",
+                   help="turn vLLM's prefix cache off (DualFocus's follow-ups then recompute the image)")
+    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="skip graph capture (default: on for CPU, off for GPU)")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in a batch (default: vLLM's)")
+    g.add_argument("--dtype", default="auto", help="default: %(default)s")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, family=args.family, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size, enable_prefix_caching=not args.no_prefix_caching,
+        enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
+    )
+
+
+def cmd_build_tiny(args: argparse.Namespace) -> int:
+    from .tiny import TINY_MODELS, ensure_tiny
+
+    for name in args.names or TINY_MODELS:
+        print(name, ensure_tiny(name), flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .engine import DualFocusEngine, Query, Sampling
+
+    image = Image.open(args.image) if args.image else _demo_image()
+
+    async def run() -> None:
+        engine = DualFocusEngine.create(engine_config(args))
+        try:
+            await engine.warm_up()
+            result = await engine.answer(Query(args.question, image, mode=args.mode,
+                                               sampling=Sampling(max_tokens=args.max_tokens)))
+            print(json.dumps({"answer": result.answer, "trace": result.trace.to_dict()}, indent=2))
+        finally:
+            engine.shutdown()
+
+    asyncio.run(run())
+    return 0
+
+
+def _demo_image():
+    """A synthetic scene: a red square and a blue disc on grey."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (640, 480), (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((60, 80, 220, 240), fill=(220, 30, 30))
+    draw.ellipse((400, 260, 560, 420), fill=(30, 60, 220))
+    return image
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dualfocus", description="DualFocus Serve: zoom-in VLM inference on vLLM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build-tiny", help="build the embedded tiny checkpoints (offline, deterministic); "
+                                          "prints 'NAME PATH' per checkpoint")
+    p.add_argument("names", nargs="*", help="which to build (default: all)")
+    p.set_defaults(func=cmd_build_tiny)
+
+    p = sub.add_parser("demo", help="answer one question in-process through the engine and print the trace")
+    p.add_argument("--image", help="image file (default: a synthetic scene)")
+    p.add_argument("--question", default="What colour is the square?", help="default: %(default)r")
+    p.add_argument("--mode", choices=["dualfocus", "macro"], default="dualfocus", help="default: %(default)s")
+    p.add_argument("--max-tokens", type=int, default=32, help="default: %(default)s")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Engine settings, and how they become vLLM engine arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .tiny import TINY_MODELS, ensure_tiny
+
+DEFAULT_MODEL = "tiny-llava"
+
+
+@dataclass
+class EngineConfig:
+    """What the DualFocus engine runs. Unset fields keep vLLM's defaults."""
+
+    # A tiny-* name (built locally if missing), a checkpoint folder, or a hub name.
+    model: str = DEFAULT_MODEL
+    family: str = "auto"  # auto | llava | qwen2_vl | qwen2_5_vl
+    max_model_len: int | None = 4096
+    kv_cache_gib: float | None = None  # KV cache size; None: vLLM's default for the device
+    gpu_memory_utilization: float | None = None
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_prefix_caching: bool = True
+    enforce_eager: bool | None = None  # None: on for CPU (no graphs to capture there)
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    box_max_tokens: int = 64
+    # Any further vllm.AsyncEngineArgs field, passed through unchanged.
+    extra: dict = field(default_factory=dict)
+
+    def resolve_model(self) -> str:
+        if self.model in TINY_MODELS:
+            return str(ensure_tiny(self.model))
+        return str(Path(self.model).expanduser()) if Path(self.model).expanduser().exists() else self.model
+
+    def engine_args(self):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+
+        enforce_eager = current_platform.is_cpu() if self.enforce_eager is None else self.enforce_eager
+        kwargs = dict(
+            model=self.resolve_model(),
+            max_model_len=self.max_model_len,
+            tensor_parallel_size=self.tensor_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+            enable_prefix_caching=self.enable_prefix_caching,
+            enforce_eager=enforce_eager,
+            dtype=self.dtype,
+            seed=self.seed,
+            # Follow-up passes of started requests go ahead of new requests' first passes.
+            scheduling_policy="priority",
+            # Every DualFocus follow-up carries the full image and the crop.
+            limit_mm_per_prompt={"image": 2},
+            runner="generate",
+            disable_log_stats=False,
+        )
+        if self.kv_cache_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * (1 << 30))
+        for name in ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        kwargs.update(self.extra)
+        return AsyncEngineArgs(**kwargs)

@@ -1,0 +1,70 @@
+"""LLaVA-1.5 and the DualFocus-LLaVA checkpoints: vicuna_v1 turns, boxes on 0-1, pad-to-square."""
+
+from __future__ import annotations
+
+import re
+
+from PIL import Image
+
+from .base import FamilyAdapter, ParsedBox
+
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+_NUMBER = r"(?:0\.\d{2}|1\.00)"
+_FOUR_NUMBERS = re.compile(r"(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?)")
+
+
+class LlavaAdapter(FamilyAdapter):
+    """`SYSTEM USER: <image>\\n{text} ASSISTANT: {reply}</s>USER: ...` as LLaVA's conv_vicuna_v1.
+
+    Text around an image is tokenised in pieces split at `<image>`, as LLaVA's own
+    tokenizer_image_token does, so ids match the reference's.
+    """
+
+    name = "llava"
+    image_token = "<image>"
+    reply_prefix = " "
+
+    def model_image(self, image: Image.Image) -> Image.Image:
+        # LLaVA-1.5's "pad" aspect mode: centre the image on a square filled with the
+        # processor's mean colour, so nothing is cropped away by the CLIP processor.
+        image = image.convert("RGB")
+        w, h = image.size
+        if w == h:
+            return image
+        mean = self.image_processor_config.get("image_mean", [0.48145466, 0.4578275, 0.40821073])
+        square = Image.new("RGB", (max(w, h),) * 2, tuple(int(c * 255) for c in mean))
+        square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+        return square
+
+    def _user_turn(self, prefix: str, text: str, with_image: bool) -> list[int]:
+        if not with_image:
+            return self.encode(f"{prefix}USER: {text} ASSISTANT:")
+        return self.encode(f"{prefix}USER: ") + [self.token_id(self.image_token)] + self.encode(f"\n{text} ASSISTANT:")
+
+    def first_turn(self, text: str, with_image: bool) -> list[int]:
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return bos + self._user_turn(f"{SYSTEM} ", text, with_image)
+
+    def next_turn(self, text: str, with_image: bool) -> list[int]:
+        return self._user_turn("", text, with_image)
+
+    def close_reply(self, reply_ids: list[int]) -> list[int]:
+        # The turn separator after an assistant reply is "</s>", the EOS the reply ends with.
+        eos = self.tokenizer.eos_token_id
+        return list(reply_ids) if reply_ids and reply_ids[-1] == eos else list(reply_ids) + [eos]
+
+    @property
+    def box_regex(self) -> str:
+        return rf"\[{_NUMBER}, {_NUMBER}, {_NUMBER}, {_NUMBER}\]"
+
+    def parse_box(self, text: str, width: int, height: int) -> ParsedBox | None:
+        m = _FOUR_NUMBERS.search(text)
+        if not m:
+            return None
+        x1, y1, x2, y2 = (float(g) for g in m.groups())
+        # As the reference: 0-1 of the original image's width and height (it does not
+        # undo the pad-to-square; DualFocus was trained that way).
+        return ParsedBox((x1, y1, x2, y2), (x1 * width, y1 * height, x2 * width, y2 * height))

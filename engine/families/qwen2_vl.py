@@ -1,0 +1,104 @@
+"""Qwen2-VL and Qwen2.5-VL: ChatML turns, native-resolution images, their box formats."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from .base import FamilyAdapter, ParsedBox
+
+SYSTEM = "You are a helpful assistant."
+_INT_0_1000 = r"(?:1000|[1-9][0-9]{0,2}|0)"
+_INT_PIXELS = r"(?:0|[1-9][0-9]{0,4})"
+
+
+class Qwen2VLAdapter(FamilyAdapter):
+    """`<|box_start|>(x1,y1),(x2,y2)<|box_end|>`, integers on a 0-1000 grid of the original image.
+
+    The box tags are special tokens, which grammars over text cannot emit: the box
+    prompt ends with `<|box_start|>`, the reply is generated under a grammar for
+    `(x1,y1),(x2,y2)`, and `<|box_end|>` closes it in the follow-up prompts.
+    """
+
+    name = "qwen2_vl"
+
+    def _image(self) -> list[int]:
+        return [self.token_id("<|vision_start|>"), self.token_id("<|image_pad|>"), self.token_id("<|vision_end|>")]
+
+    def _user_turn(self, text: str, with_image: bool) -> list[int]:
+        image = self._image() if with_image else []
+        return (self.encode("<|im_start|>user\n") + image
+                + self.encode(f"{text}<|im_end|>\n<|im_start|>assistant\n"))
+
+    def first_turn(self, text: str, with_image: bool) -> list[int]:
+        return self.encode(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n") + self._user_turn(text, with_image)
+
+    def next_turn(self, text: str, with_image: bool) -> list[int]:
+        return self._user_turn(text, with_image)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [self.token_id("<|im_end|>"), self.token_id("<|endoftext|>")]
+
+    def box_prompt_suffix(self) -> list[int]:
+        return [self.token_id("<|box_start|>")]
+
+    def close_reply(self, reply_ids: list[int]) -> list[int]:
+        return self.strip_stop(reply_ids) + self.encode("<|box_end|><|im_end|>\n")
+
+    @property
+    def box_regex(self) -> str:
+        n = _INT_0_1000
+        return rf"\({n},{n}\),\({n},{n}\)"
+
+    def parse_box(self, text: str, width: int, height: int) -> ParsedBox | None:
+        m = re.search(r"\((\d+),(\d+)\),\((\d+),(\d+)\)", text)
+        if not m:
+            return None
+        x1, y1, x2, y2 = (int(g) / 1000 for g in m.groups())
+        return ParsedBox((x1, y1, x2, y2), (x1 * width, y1 * height, x2 * width, y2 * height))
+
+
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL: JSON `[{"bbox_2d": [x1, y1, x2, y2]}]` in pixels of the RESIZED processor input."""
+
+    name = "qwen2_5_vl"
+
+    def box_prompt_suffix(self) -> list[int]:
+        return []
+
+    def close_reply(self, reply_ids: list[int]) -> list[int]:
+        return self.strip_stop(reply_ids) + self.encode("<|im_end|>\n")
+
+    @property
+    def box_regex(self) -> str:
+        n = _INT_PIXELS
+        return rf'\[\{{"bbox_2d": \[{n}, {n}, {n}, {n}\]\}}\]'
+
+    def parse_box(self, text: str, width: int, height: int) -> ParsedBox | None:
+        m = re.search(r'"bbox_2d":\s*\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\]', text)
+        if not m:
+            return None
+        rh, rw = self.resized_size(height, width)
+        x1, y1, x2, y2 = (int(g) for g in m.groups())
+        normalized = (x1 / rw, y1 / rh, x2 / rw, y2 / rh)
+        return ParsedBox(normalized, (normalized[0] * width, normalized[1] * height,
+                                      normalized[2] * width, normalized[3] * height))
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """The processor's input size (Qwen2.5-VL's smart_resize): multiples of 28 within the pixel budget."""
+        cfg = self.image_processor_config
+        factor = cfg.get("patch_size", 14) * cfg.get("merge_size", 2)
+        min_pixels = cfg.get("min_pixels") or cfg.get("size", {}).get("shortest_edge", 56 * 56)
+        max_pixels = cfg.get("max_pixels") or cfg.get("size", {}).get("longest_edge", 28 * 28 * 1280)
+        h = max(factor, round(height / factor) * factor)
+        w = max(factor, round(width / factor) * factor)
+        if h * w > max_pixels:
+            beta = math.sqrt(height * width / max_pixels)
+            h = max(factor, math.floor(height / beta / factor) * factor)
+            w = max(factor, math.floor(width / beta / factor) * factor)
+        elif h * w < min_pixels:
+            beta = math.sqrt(min_pixels / (height * width))
+            h = math.ceil(height * beta / factor) * factor
+            w = math.ceil(width * beta / factor) * factor
+        return h, w

@@ -1,0 +1,129 @@
+"""The DualFocus program for one request, read top to bottom like the method.
+
+    1. box pass: where does the question look?  (grammar-guided, greedy)
+    2. macro pass: answer on the whole image     (submitted once the box pass's
+       prefill is done, so it reads the shared image prefix from the cache)
+    3. crop: box -> square, clip, enlarge, crop  (engine/geometry.py)
+    4. micro pass: answer again with [full image, crop], as a follow-up that
+       extends the box prompt and reply token for token
+    5. fuse: identical answers stand; otherwise score both as replies to a
+       prompt sharing the micro prompt's prefix; lower perplexity wins
+
+Family details (templates, box format, coordinates) come from the adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from .engine import PRIORITY_NEW, PRIORITY_STARTED, DualFocusEngine, PassOutput, Query
+from .fusion import decide, parse_question, pick_by_score
+from .geometry import plan_crop
+from .trace import BoxTrace, Result, StageStats, Trace
+
+
+async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str) -> Result:
+    adapter = engine.adapter
+    original = query.image
+    width, height = original.size
+    full = adapter.model_image(original)
+    answer_params = lambda: engine.answer_params(query.sampling)  # noqa: E731 - one fresh copy per pass
+
+    box_prompt = adapter.box_prompt(query.question)
+    box_prefilled = asyncio.Event()
+    micro: PassOutput | None = None
+    crop_size = None
+    async with _tasks() as tasks:
+        # 1-2. Box first: it is on the critical path. The macro pass waits for the box
+        # prompt to be prefilled, then reuses its cached image prefix.
+        box_task = tasks.create_task(engine.generate(box_prompt, [full], engine.box_params(), f"{request_id}-box",
+                                                     PRIORITY_NEW, started=box_prefilled))
+        await _first_of(box_prefilled, box_task)
+        macro_task = tasks.create_task(engine.generate(adapter.macro_prompt(query.question), [full], answer_params(),
+                                                       f"{request_id}-macro", PRIORITY_STARTED))
+        box = await box_task
+
+        # 3. Crop.
+        parsed = adapter.parse_box(box.text, width, height)
+        plan = plan_crop(parsed.pixels, width, height) if parsed else None
+        box_trace = BoxTrace(box.text, parsed.normalized if parsed else None,
+                             plan.rect if plan else None, plan.outcome if plan else "unparsed")
+
+        # 4. Micro pass, if there is a crop to look at.
+        if plan and plan.usable:
+            crop = adapter.model_image(original.crop(plan.rect))
+            crop_size = (plan.rect[2] - plan.rect[0], plan.rect[3] - plan.rect[1])
+            micro = await engine.generate(adapter.micro_prompt(box_prompt, box.token_ids, query.question),
+                                          [full, crop], answer_params(), f"{request_id}-micro", PRIORITY_STARTED)
+        macro = await macro_task
+
+    trace = Trace(mode="dualfocus", chosen="macro", why="", macro_answer=macro.text, box=box_trace, crop=crop_size,
+                  stages={"macro": macro.stats(), "box": box.stats()})
+    if micro is None:
+        trace.why = f"no micro pass: box {box_trace.outcome}"
+        return Result(macro.text, macro.finish_reason, trace)
+    trace.micro_answer = micro.text
+    trace.stages["micro"] = micro.stats()
+
+    # 5. Fuse.
+    question = parse_question(query.question)
+    decision = decide(question, macro.text, micro.text)
+    trace.chosen, trace.why = decision.chosen or "macro", decision.why
+    if decision.candidates is not None:
+        t0 = time.perf_counter()
+        prefix = adapter.scoring_prompt(box_prompt, box.token_ids, question.stem)
+        generated = {"macro": adapter.strip_stop(macro.token_ids), "micro": adapter.strip_stop(micro.token_ids)}
+        replies = {
+            # Open-ended answers are scored as the tokens the model generated; option texts are tokenised.
+            name: generated[name] if not question.multiple_choice else adapter.reply_ids(text)
+            for name, text in decision.candidates.items()
+        }
+        async with _tasks() as tasks:
+            scored = {name: tasks.create_task(engine.score(prefix, [full, crop], ids, f"{request_id}-score-{name}"))
+                      for name, ids in replies.items()}
+        trace.scores = {name: task.result()[0] for name, task in scored.items()}
+        trace.chosen, trace.why = pick_by_score(trace.scores)
+        trace.stages["fusion"] = _sum_stats([task.result()[1] for task in scored.values()],
+                                            ms=(time.perf_counter() - t0) * 1000)
+    chosen = micro if trace.chosen == "micro" else macro
+    return Result(chosen.text, chosen.finish_reason, trace)
+
+
+async def run_single_pass(engine: DualFocusEngine, query: Query, request_id: str) -> Result:
+    """Macro mode, or a text-only request: one plain pass."""
+    adapter = engine.adapter
+    images = [adapter.model_image(query.image)] if query.image is not None else []
+    out = await engine.generate(adapter.macro_prompt(query.question, with_image=bool(images)), images,
+                                engine.answer_params(query.sampling), f"{request_id}-macro", PRIORITY_NEW)
+    why = "macro mode: one pass" if images else "no image: one plain pass"
+    trace = Trace(mode="macro", chosen="macro", why=why, macro_answer=out.text, stages={"macro": out.stats()})
+    return Result(out.text, out.finish_reason, trace)
+
+
+class _tasks(asyncio.TaskGroup):
+    """A TaskGroup that raises its first error itself rather than an ExceptionGroup, so
+    callers see vLLM's own exceptions. Leaving it (by error or cancellation) cancels
+    every pass still running, which aborts them in vLLM."""
+
+    async def __aexit__(self, et, exc, tb):
+        try:
+            return await super().__aexit__(et, exc, tb)
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None
+
+
+async def _first_of(event: asyncio.Event, task: asyncio.Task) -> None:
+    """Wait for `event`, or for `task` to end first (a failing task raises here)."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if task.done() and not event.is_set():
+        task.result()
+
+
+def _sum_stats(stats: list[StageStats], ms: float) -> StageStats:
+    return StageStats(ms, sum(s.prompt_tokens for s in stats), sum(s.cached_tokens for s in stats),
+                      sum(s.completion_tokens for s in stats))

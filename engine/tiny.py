@@ -1,0 +1,266 @@
+"""Tiny random-weight checkpoints in the real layouts, built offline.
+
+No model hub is reachable from the machines this project is tested on, so the
+tests and `make serve` use checkpoints built here: the same files a real
+LLaVA-1.5 or Qwen2-VL checkpoint has (config, safetensors, tokenizer, image
+processor, chat template), at a size a 2-core CPU runs. vLLM loads them by
+path through the same code path as a real checkpoint. Built with a fixed seed,
+so two builds give the same weights and the same answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+TINY_MODELS = ("tiny-llava", "tiny-qwen2-vl")
+# Bump when the recipe changes, so cached builds of an older recipe are rebuilt.
+RECIPE_VERSION = "2"
+_MANIFEST = "dualfocus-tiny.json"
+_SEED = 1234
+# Larger than a trained model's 0.02 so that a random model's replies depend on the
+# prompt and the image (with 0.02 every prompt gets the same reply), which gives
+# the tests different macro and micro answers to fuse.
+_TEXT_INIT_STD = 0.2
+
+
+def cache_dir() -> Path:
+    """Where built checkpoints live: $DUALFOCUS_CACHE or ~/.cache/dualfocus."""
+    root = os.environ.get("DUALFOCUS_CACHE") or Path.home() / ".cache" / "dualfocus"
+    return Path(root) / "models"
+
+
+def ensure_tiny(name: str, root: Path | None = None) -> Path:
+    """Path of tiny checkpoint `name`, built first if missing or corrupt."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
+    path = (root or cache_dir()) / name
+    if not _is_intact(path):
+        _build(name, path)
+    return path
+
+
+def _is_intact(path: Path) -> bool:
+    """True when the manifest matches the recipe and every file's digest."""
+    try:
+        manifest = json.loads((path / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("recipe") != RECIPE_VERSION:
+        return False
+    files = manifest.get("files", {})
+    return bool(files) and all(
+        (path / name).is_file() and _digest(path / name) == digest
+        for name, digest in files.items()
+    )
+
+
+def _digest(file: Path) -> str:
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _build(name: str, path: Path) -> None:
+    # Build into a sibling folder and swap it in, so a crash mid-build never
+    # leaves a half-written checkpoint that looks complete.
+    tmp = path.with_name(path.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    {"tiny-llava": _build_llava, "tiny-qwen2-vl": _build_qwen2_vl}[name](tmp)
+    files = {p.name: _digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / _MANIFEST).write_text(json.dumps({"recipe": RECIPE_VERSION, "files": files}, indent=1))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+_WORDS = (
+    "a an the of in on at to and or is are was what which where who how many color colour "
+    "left right top bottom middle image picture photo question answer region box bounding "
+    "coordinate please provide combine information from these two images this asks using "
+    "single word phrase chat between curious user artificial intelligence assistant gives "
+    "helpful detailed polite answers questions yes no red green blue yellow black white "
+    "circle square triangle sign text number car dog cat person table sky tree house "
+    "option options hint choose letter system user"
+).split()
+
+
+def _train_tokenizer(special_tokens: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained in-process on a fixed corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [" ".join(_WORDS)] * 4
+    corpus += [f"[{a / 100:.2f}, {b / 100:.2f}, 0.{a:02d}, 0.{b:02d}]" for a in range(100) for b in range(0, 100, 7)]
+    corpus += [f"({a},{b}),({b},{a}) {a} {b}" for a in range(0, 1001, 37) for b in range(0, 1001, 53)]
+    corpus += [" ".join(_WORDS[i:] + _WORDS[:i]) + " A. B. C. D. ? : ." for i in range(len(_WORDS))]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return tok
+
+
+def _seeded():
+    import torch
+
+    torch.manual_seed(_SEED)
+    return torch
+
+
+# --- tiny-llava ------------------------------------------------------------------------------
+
+# Vicuna v1, as LLaVA-1.5 and DualFocus use it; for clients of the stock vLLM server.
+LLAVA_CHAT_TEMPLATE = (
+    "{% set system = 'A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user\\'s questions.' %}"
+    "{{ system }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %} USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}<image>\n"
+    "{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{% elif message['role'] == 'assistant' %} ASSISTANT: {{ message['content'] }}</s>"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
+
+def _build_llava(out: Path) -> None:
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        PreTrainedTokenizerFast,
+    )
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    tok = _train_tokenizer(specials, vocab_size=1024)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    vocab = len(tokenizer)
+    # CLIP at 336 px / patch 14: 24 x 24 = 576 image tokens, as LLaVA-1.5 has.
+    vision = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        image_size=336, patch_size=14, projection_dim=64,
+    )
+    # head_dim 64: the CPU paged attention rejects 16.
+    text = LlamaConfig(
+        vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, initializer_range=_TEXT_INIT_STD,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.dtype = "bfloat16"  # what vLLM's CPU backend computes in
+    torch = _seeded()
+    model = LlavaForConditionalGeneration(config).to(torch.bfloat16).eval()
+    _save_with_vllm_names(model, out, {"model.vision_tower.": "vision_tower.vision_model.",
+                                       "model.multi_modal_projector.": "multi_modal_projector.",
+                                       "model.language_model.": "language_model.model.",
+                                       "lm_head.": "language_model.lm_head."})
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # LLaVA-1.5 pads to a square itself (engine/families/llava.py); the CLIP
+    # processor then resizes and centre-crops a square, which keeps all of it.
+    CLIPImageProcessor(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    ).save_pretrained(out)
+    _write_generation_config(out, eos_token_id=2, bos_token_id=1, pad_token_id=3)
+
+
+# --- tiny-qwen2-vl ---------------------------------------------------------------------------
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _build_qwen2_vl(out: Path) -> None:
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    specials = [
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+        "<|image_pad|>", "<|video_pad|>", "<|box_start|>", "<|box_end|>",
+    ]
+    tok = _train_tokenizer(specials, vocab_size=1024)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+            initializer_range=_TEXT_INIT_STD,
+            # head_dim 64 -> rotary half-dim 32, split over (time, height, width).
+            rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        ),
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=256, num_heads=4, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    config.architectures = ["Qwen2VLForConditionalGeneration"]
+    config.dtype = "bfloat16"
+    torch = _seeded()
+    model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16).eval()
+    _save_with_vllm_names(model, out, {})
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # At most 576 merged image tokens per image, like tiny-llava.
+    Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=576 * 28 * 28).save_pretrained(out)
+    _write_generation_config(out, eos_token_id=ids["<|im_end|>"], bos_token_id=ids["<|endoftext|>"],
+                             pad_token_id=ids["<|endoftext|>"])
+
+
+def _save_with_vllm_names(model, out: Path, renames: dict[str, str]) -> None:
+    """Write model.safetensors, renaming key prefixes to the names vLLM loads."""
+    from safetensors.torch import save_file
+
+    state = {}
+    for key, tensor in model.state_dict().items():
+        for old, new in renames.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        state[key] = tensor.detach().contiguous().clone()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _write_generation_config(out: Path, **ids: int) -> None:
+    (out / "generation_config.json").write_text(json.dumps(ids, indent=1))

@@ -1,0 +1,142 @@
+"""The DualFocus program on a real vLLM engine, once per tiny model family."""
+
+import asyncio
+import math
+
+import pytest
+
+from engine import DualFocusEngine, EngineConfig, Query, Sampling
+from engine.engine import PRIORITY_NEW
+
+from .conftest import scene
+
+pytestmark = pytest.mark.engine
+
+QUESTIONS = ["What colour is the square?", "Where is the blue disc?", "How many shapes are there?",
+             "Is the sky visible?", "What is on the left?", "Which shape is larger?"]
+
+
+@pytest.fixture(scope="module", params=["tiny-llava", "tiny-qwen2-vl"])
+async def engine(request):
+    eng = DualFocusEngine.create(EngineConfig(model=request.param, kv_cache_gib=1, max_model_len=4096))
+    await eng.warm_up()
+    yield eng
+    eng.shutdown()
+
+
+def block_floor(engine, n):
+    size = engine.llm.vllm_config.cache_config.block_size
+    return n // size * size
+
+
+def check_complete(result, image):
+    t = result.trace
+    assert t.mode == "dualfocus"
+    assert {"macro", "box", "micro"} <= set(t.stages)
+    assert t.box.outcome in ("ok", "degenerate")
+    assert all(0.0 <= v <= 1.0 for v in t.box.normalized)
+    x1, y1, x2, y2 = t.box.pixels
+    assert 0 <= x1 < x2 <= image.width - 1 and 0 <= y1 < y2 <= image.height - 1
+    assert t.crop == (x2 - x1, y2 - y1)
+    assert t.chosen in ("macro", "micro", "same") and t.why
+    assert result.answer == (t.micro_answer if t.chosen == "micro" else t.macro_answer)
+    if t.chosen == "same":
+        assert t.macro_answer.strip() == t.micro_answer.strip()
+    for stage in t.stages.values():
+        assert stage.ms > 0 and stage.prompt_tokens > 0 and 0 <= stage.cached_tokens <= stage.prompt_tokens
+
+
+async def test_dualfocus_request_returns_a_complete_trace_and_reuses_the_image_prefix(engine):
+    image = scene(672, 672)  # 576 image tokens in both families
+    result = await engine.answer(Query(QUESTIONS[0], image, sampling=Sampling(max_tokens=16)))
+    check_complete(result, image)
+    stages = result.trace.stages
+    # The micro prompt extends the box prompt and reply: all their whole blocks come from the cache.
+    assert stages["micro"].cached_tokens >= block_floor(engine, stages["box"].prompt_tokens) >= 512
+    # The macro pass waits for the box prefill, then reads the shared system + image prefix.
+    assert stages["macro"].cached_tokens >= 256
+    usage = result.usage
+    assert usage.prompt_tokens == sum(s.prompt_tokens for s in stages.values())
+
+
+async def test_fusion_scores_both_answers_reading_the_cached_prefix(engine):
+    scored = []
+    for seed, question in enumerate(QUESTIONS):
+        result = await engine.answer(Query(question, scene(seed=seed), sampling=Sampling(max_tokens=12)))
+        if result.trace.scores is not None:
+            scored.append(result)
+    assert scored, "no request needed scoring: every macro and micro answer agreed"
+    for result in scored:
+        t = result.trace
+        assert set(t.scores) == {"macro", "micro"} and all(math.isfinite(v) and v > 0 for v in t.scores.values())
+        lower = "micro" if t.scores["micro"] < t.scores["macro"] else "macro"
+        assert t.chosen == lower
+        box = t.stages["box"]
+        fusion = t.stages["fusion"]
+        # Two scoring sequences, each sharing at least the box prompt and reply with the micro prompt.
+        assert fusion.cached_tokens >= 2 * block_floor(engine, box.prompt_tokens + box.completion_tokens) > 0
+
+
+async def test_follow_up_prompts_extend_earlier_ones_as_vllm_expands_them(engine):
+    """Token for token on the expanded ids vLLM reports, image tokens included."""
+    a = engine.adapter
+    image = scene(seed=3)
+    full = a.model_image(image)
+    crop = a.model_image(image.crop((10, 10, 200, 150)))
+    box_prompt = a.box_prompt(QUESTIONS[1])
+    box = await engine.generate(box_prompt, [full], engine.box_params(), "t-box", PRIORITY_NEW)
+    micro = await engine.generate(a.micro_prompt(box_prompt, box.token_ids, QUESTIONS[1]), [full, crop],
+                                  engine.answer_params(Sampling(max_tokens=4)), "t-micro", PRIORITY_NEW)
+    shared = box.prompt_token_ids + a.strip_stop(box.token_ids)
+    assert micro.prompt_token_ids[: len(shared)] == shared
+    scoring = await engine.generate(a.scoring_prompt(box_prompt, box.token_ids, QUESTIONS[1]), [full, crop],
+                                    engine.answer_params(Sampling(max_tokens=1)), "t-score", PRIORITY_NEW)
+    image_token = a.token_id("<image>" if a.name == "llava" else "<|image_pad|>")
+    last_crop_token = max(i for i, t in enumerate(micro.prompt_token_ids) if t == image_token)
+    assert scoring.prompt_token_ids[: last_crop_token + 1] == micro.prompt_token_ids[: last_crop_token + 1]
+    assert scoring.cached_tokens >= block_floor(engine, last_crop_token + 1)
+
+
+async def test_sixteen_concurrent_requests_all_complete(engine):
+    images = [scene(320 + 16 * i, 240 + 8 * i, seed=i) for i in range(16)]
+    results = await asyncio.gather(*[
+        engine.answer(Query(QUESTIONS[i % len(QUESTIONS)], images[i], sampling=Sampling(max_tokens=12)))
+        for i in range(16)])
+    for result, image in zip(results, images):
+        check_complete(result, image)
+    assert engine.num_unfinished_sequences == 0
+
+
+async def test_cancelled_request_leaves_no_sequences(engine):
+    task = asyncio.create_task(engine.answer(Query(QUESTIONS[2], scene(seed=9), sampling=Sampling(max_tokens=400))))
+    for _ in range(200):  # wait until its passes are in the engine
+        await asyncio.sleep(0.01)
+        if engine.num_unfinished_sequences > 0:
+            break
+    assert engine.num_unfinished_sequences > 0
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.num_unfinished_sequences == 0
+    # The engine keeps serving.
+    result = await engine.answer(Query(QUESTIONS[0], scene(), mode="macro", sampling=Sampling(max_tokens=4)))
+    assert result.trace.macro_answer == result.answer
+
+
+async def test_macro_mode_and_text_only_are_one_plain_pass(engine):
+    for query, why in [(Query(QUESTIONS[0], scene(), mode="macro", sampling=Sampling(max_tokens=8)), "macro mode"),
+                       (Query("Say hello.", None, sampling=Sampling(max_tokens=8)), "no image")]:
+        result = await engine.answer(query)
+        t = result.trace
+        assert t.mode == "macro" and t.chosen == "macro" and why in t.why
+        assert list(t.stages) == ["macro"] and t.micro_answer is None and t.box is None
+        assert result.answer == t.macro_answer and t.stages["macro"].completion_tokens == 8
+
+
+async def test_request_sampling_applies_to_answers_and_the_box_stays_greedy(engine):
+    image = scene(seed=5)
+    hot = Sampling(max_tokens=12, temperature=1.0, seed=7)
+    first = await engine.answer(Query(QUESTIONS[4], image, sampling=hot))
+    second = await engine.answer(Query(QUESTIONS[4], image, sampling=Sampling(max_tokens=12, temperature=1.0, seed=8)))
+    assert first.trace.box.text == second.trace.box.text  # greedy whatever the request's sampling
+    assert (first.trace.macro_answer, first.trace.micro_answer) != (second.trace.macro_answer, second.trace.micro_answer)
