@@ -71,6 +71,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import serve
+    from server.settings import ServerSettings
+
+    serve(ServerSettings(
+        engine=engine_config(args), host=args.host, port=args.port, api_key=args.api_key,
+        served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
+        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+        max_images_per_request=args.max_images_per_request, max_inflight_requests=args.max_inflight_requests,
+        drain_seconds=args.drain_seconds,
+    ))
+    return 0
+
+
 def _demo_image():
     """A synthetic scene: a red square and a blue disc on grey."""
     from PIL import Image, ImageDraw
@@ -98,6 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32, help="default: %(default)s")
     add_engine_args(p)
     p.set_defaults(func=cmd_demo)
+
+    import os
+
+    from server.settings import ServerSettings
+
+    d = ServerSettings()
+    p = sub.add_parser("serve", help="serve the OpenAI chat completions API (DualFocus for requests with an image)")
+    p.add_argument("--host", default=d.host, help="default: %(default)s")
+    p.add_argument("--port", type=int, default=d.port, help="default: %(default)s")
+    p.add_argument("--api-key", default=os.environ.get("DUALFOCUS_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $DUALFOCUS_API_KEY, else none)")
+    p.add_argument("--served-model-name", help="the model name clients send (default: the --model value)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="default: %(default)s")
+    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes, help="default: %(default)s")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                   help="checked from the image header before decoding (default: %(default)s)")
+    p.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request,
+                   help="default: %(default)s")
+    p.add_argument("--max-inflight-requests", type=int, default=d.max_inflight_requests,
+                   help="beyond this, 429 with Retry-After (default: %(default)s)")
+    p.add_argument("--drain-seconds", type=float, default=d.drain_seconds,
+                   help="on SIGTERM, how long in-flight requests may finish (default: %(default)s)")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

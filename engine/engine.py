@@ -13,6 +13,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -103,14 +104,19 @@ class DualFocusEngine:
     def shutdown(self) -> None:
         self.llm.shutdown()
 
-    async def answer(self, query: Query, request_id: str | None = None) -> Result:
-        """Run one request to its answer and trace. Cancel the task to abort all its passes."""
+    async def answer(self, query: Query, request_id: str | None = None,
+                     on_text: Callable[[str], None] | None = None) -> Result:
+        """Run one request to its answer and trace. Cancel the task to abort all its passes.
+
+        `on_text` receives the answer's text so far while it is generated; only a
+        single-pass request knows its answer before the end (DualFocus decides at fusion).
+        """
         from .program import run_dualfocus, run_single_pass
 
         request_id = request_id or uuid.uuid4().hex
         if query.image is not None and query.mode == "dualfocus":
             return await run_dualfocus(self, query, request_id)
-        return await run_single_pass(self, query, request_id)
+        return await run_single_pass(self, query, request_id, on_text)
 
     # --- passes -----------------------------------------------------------------------------
 
@@ -128,21 +134,26 @@ class DualFocusEngine:
                               structured_outputs=StructuredOutputsParams(regex=self.adapter.box_regex))
 
     async def generate(self, prompt_ids: list[int], images: list[Image.Image], params, request_id: str,
-                       priority: int, started: asyncio.Event | None = None) -> PassOutput:
+                       priority: int, started: asyncio.Event | None = None,
+                       on_text: Callable[[str], None] | None = None) -> PassOutput:
         """Run one sequence to completion. `started` is set when its first token arrives,
-        that is, when its prompt is in the KV cache for others to reuse."""
+        that is, when its prompt is in the KV cache for others to reuse; `on_text` gets
+        the text so far at every step."""
         from vllm.sampling_params import RequestOutputKind
 
         prompt = {"prompt_token_ids": prompt_ids}
         if images:
             prompt["multi_modal_data"] = {"image": images}
-        params.output_kind = RequestOutputKind.CUMULATIVE if started else RequestOutputKind.FINAL_ONLY
+        streamed = started is not None or on_text is not None
+        params.output_kind = RequestOutputKind.CUMULATIVE if streamed else RequestOutputKind.FINAL_ONLY
         t0 = time.perf_counter()
         final = None
         async for out in self.llm.generate(prompt, params, request_id, priority=priority):
             final = out
             if started is not None:
                 started.set()
+            if on_text is not None:
+                on_text(out.outputs[0].text)
         completion = final.outputs[0]
         return PassOutput(
             prompt_token_ids=list(final.prompt_token_ids),

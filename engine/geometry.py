@@ -35,7 +35,8 @@ def plan_crop(box: tuple[float, float, float, float], width: int, height: int) -
         raise ValueError(f"image size must be positive, got {width}x{height}")
     x1, x2 = sorted((box[0], box[2]))
     y1, y2 = sorted((box[1], box[3]))
-    if x2 < 0 or y2 < 0 or x1 > width - 1 or y1 > height - 1:
+    # Box coordinates are pixel edges: 0..width is the whole image, so x = width is its right edge.
+    if x2 < 0 or y2 < 0 or x1 > width or y1 > height:
         return CropPlan("outside", None)
     outcome: BoxOutcome = "degenerate" if x1 == x2 or y1 == y2 else "ok"
 

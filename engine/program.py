@@ -90,12 +90,13 @@ async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str) 
     return Result(chosen.text, chosen.finish_reason, trace)
 
 
-async def run_single_pass(engine: DualFocusEngine, query: Query, request_id: str) -> Result:
+async def run_single_pass(engine: DualFocusEngine, query: Query, request_id: str, on_text=None) -> Result:
     """Macro mode, or a text-only request: one plain pass."""
     adapter = engine.adapter
     images = [adapter.model_image(query.image)] if query.image is not None else []
     out = await engine.generate(adapter.macro_prompt(query.question, with_image=bool(images)), images,
-                                engine.answer_params(query.sampling), f"{request_id}-macro", PRIORITY_NEW)
+                                engine.answer_params(query.sampling), f"{request_id}-macro", PRIORITY_NEW,
+                                on_text=on_text)
     why = "macro mode: one pass" if images else "no image: one plain pass"
     trace = Trace(mode="macro", chosen="macro", why=why, macro_answer=out.text, stages={"macro": out.stats()})
     return Result(out.text, out.finish_reason, trace)

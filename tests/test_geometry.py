@@ -48,6 +48,14 @@ def test_box_partly_outside_is_clipped():
     assert plan.rect == (0, 0, 125, 125)
 
 
+def test_zero_width_box_on_the_right_edge_still_crops():
+    # [1.00, 0.33, 1.00, 0.64] on 400x300: x1 = x2 = 400, the image's right edge.
+    plan = plan_crop((400, 99, 400, 192), 400, 300)
+    assert plan.outcome == "degenerate"
+    # side 93 about (400, 145.5) -> (353.5, 99, 446.5, 192) -> clip (353.5, 99, 399, 192) -> enlarge, clip
+    assert plan.rect == (328, 74, 399, 217)
+
+
 @pytest.mark.parametrize("box", [(700, 10, 800, 50), (-80, -80, -10, -10), (10, 500, 50, 600)])
 def test_box_wholly_outside_gives_no_crop(box):
     plan = plan_crop(box, 640, 480)

@@ -1,0 +1,39 @@
+"""DualFocus's Prometheus series. They live in prometheus_client's default registry, beside
+the vllm:* series the in-process engine registers there, so one /metrics serves both."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from engine.trace import STAGES, Result
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80)
+
+REQUESTS = Counter("dualfocus_requests", "Chat completion requests by mode and outcome", ["mode", "status"])
+REQUEST_SECONDS = Histogram("dualfocus_request_seconds", "Request wall time", ["mode"], buckets=_LATENCY_BUCKETS)
+STAGE_SECONDS = Histogram("dualfocus_stage_seconds", "Wall time of a DualFocus stage", ["stage"],
+                          buckets=_LATENCY_BUCKETS)
+TTFT = Histogram("dualfocus_time_to_first_token_seconds",
+                 "Streamed requests: time from arrival to the first content chunk", buckets=_LATENCY_BUCKETS)
+INFLIGHT = Gauge("dualfocus_inflight_requests", "Requests admitted and not finished")
+FUSION = Counter("dualfocus_fusion_decisions", "Which answer DualFocus returned", ["chosen"])
+BOX_OUTCOMES = Counter("dualfocus_box_outcomes", "What became of the box pass's box", ["outcome"])
+PROMPT_TOKENS = Counter("dualfocus_prompt_tokens", "Prompt tokens by stage", ["stage"])
+CACHED_TOKENS = Counter("dualfocus_cached_prompt_tokens", "Prompt tokens served by the prefix cache", ["stage"])
+IMAGE_ERRORS = Counter("dualfocus_image_errors", "Images refused", ["reason"])
+
+for _stage in STAGES:  # so every series exists from the start
+    PROMPT_TOKENS.labels(_stage)
+    CACHED_TOKENS.labels(_stage)
+
+
+def record_result(result: Result) -> None:
+    t = result.trace
+    if t.mode == "dualfocus":
+        FUSION.labels(t.chosen).inc()
+        if t.box is not None:
+            BOX_OUTCOMES.labels(t.box.outcome).inc()
+    for stage, stats in t.stages.items():
+        STAGE_SECONDS.labels(stage).observe(stats.ms / 1000)
+        PROMPT_TOKENS.labels(stage).inc(stats.prompt_tokens)
+        CACHED_TOKENS.labels(stage).inc(stats.cached_tokens)

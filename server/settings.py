@@ -1,0 +1,26 @@
+"""Server settings: what `dualfocus serve` flags set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine import EngineConfig
+
+
+@dataclass
+class ServerSettings:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None  # default: the --model value
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_images_per_request: int = 1  # DualFocus looks at one image per question
+    max_inflight_requests: int = 64
+    drain_seconds: float = 30.0
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.engine.model
