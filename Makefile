@@ -3,10 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= tiny-llava
 
-.PHONY: help install models serve test test-fast clean
+.PHONY: help install test-tools models serve test test-fast clean
 
 help:
-	@echo "make serve   set up, build the default tiny model if missing, and run it"
+	@echo "make serve   set up, build the default tiny model if missing, and serve it on 127.0.0.1:8000"
 	@echo "make test    set up, then run the whole test suite"
 	@echo "make models  build the embedded tiny checkpoints (prints NAME PATH)"
 
@@ -16,13 +16,17 @@ install:
 models: install
 	$(PY) -m engine.cli build-tiny
 
-# Until the HTTP server lands (issue 3) this answers one question through the engine
-# in-process and prints the trace.
+# Tools the tests use beside the Python packages: promtool (Debian's prometheus package).
+test-tools:
+	@command -v promtool >/dev/null || { \
+	  echo "installing Debian's prometheus package for promtool" >&2; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
 serve: install
 	$(PY) -m engine.cli build-tiny $(MODEL)
-	$(PY) -m engine.cli demo --model $(MODEL)
+	$(PY) -m engine.cli serve --model $(MODEL) $(SERVE_FLAGS)
 
-test: install
+test: install test-tools
 	$(PY) -m pytest -q -ra
 
 # Everything that needs no vLLM engine (seconds, not minutes).

@@ -21,7 +21,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="model family; auto reads config.json's model_type (default: %(default)s)")
     g.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context length (default: %(default)s)")
     g.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib,
-                   help="KV cache size in GiB (default: vLLM's for the device)")
+                   help="KV cache size in GiB (default: 4 on CPU; on GPU, vLLM's memory fraction)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None, help="GPU memory fraction (GPU only)")
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="default: %(default)s")
     g.add_argument("--data-parallel-size", type=int, default=1, help="default: %(default)s")
@@ -79,7 +79,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine=engine_config(args), host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
         max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-        max_images_per_request=args.max_images_per_request, max_inflight_requests=args.max_inflight_requests,
+        max_images_per_request=args.max_images_per_request,
+        allowed_image_domains=[d.strip().lower() for d in args.allowed_image_domains.split(",") if d.strip()],
+        allowed_local_media_path=args.allowed_local_media_path, max_inflight_requests=args.max_inflight_requests,
         drain_seconds=args.drain_seconds,
     ))
     return 0
@@ -130,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checked from the image header before decoding (default: %(default)s)")
     p.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request,
                    help="default: %(default)s")
+    p.add_argument("--allowed-image-domains", default="",
+                   help="comma-separated hosts (and their subdomains) http(s) image URLs may come from; "
+                        "non-public addresses are refused whatever the list (default: none, http(s) off)")
+    p.add_argument("--allowed-local-media-path",
+                   help="folder file:// image URLs may read from (default: none, file:// off)")
     p.add_argument("--max-inflight-requests", type=int, default=d.max_inflight_requests,
                    help="beyond this, 429 with Retry-After (default: %(default)s)")
     p.add_argument("--drain-seconds", type=float, default=d.drain_seconds,

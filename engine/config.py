@@ -18,7 +18,7 @@ class EngineConfig:
     model: str = DEFAULT_MODEL
     family: str = "auto"  # auto | llava | qwen2_vl | qwen2_5_vl
     max_model_len: int | None = 4096
-    kv_cache_gib: float | None = None  # KV cache size; None: vLLM's default for the device
+    kv_cache_gib: float | None = None  # KV cache size; None: 4 GiB on CPU, vLLM's memory fraction on GPU
     gpu_memory_utilization: float | None = None
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -58,8 +58,10 @@ class EngineConfig:
             runner="generate",
             disable_log_stats=False,
         )
-        if self.kv_cache_gib is not None:
-            kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * (1 << 30))
+        # vLLM's CPU default (a fraction of all memory) fails to start beside other processes.
+        kv_cache_gib = self.kv_cache_gib if self.kv_cache_gib is not None else (4 if current_platform.is_cpu() else None)
+        if kv_cache_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         for name in ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)

@@ -105,18 +105,21 @@ class DualFocusEngine:
         self.llm.shutdown()
 
     async def answer(self, query: Query, request_id: str | None = None,
-                     on_text: Callable[[str], None] | None = None) -> Result:
+                     on_text: Callable[[str], None] | None = None,
+                     started: asyncio.Event | None = None) -> Result:
         """Run one request to its answer and trace. Cancel the task to abort all its passes.
 
         `on_text` receives the answer's text so far while it is generated; only a
         single-pass request knows its answer before the end (DualFocus decides at fusion).
+        `started` is set when the engine has begun the request (its first pass's prompt is in).
         """
         from .program import run_dualfocus, run_single_pass
 
         request_id = request_id or uuid.uuid4().hex
+        started = started or asyncio.Event()
         if query.image is not None and query.mode == "dualfocus":
-            return await run_dualfocus(self, query, request_id)
-        return await run_single_pass(self, query, request_id, on_text)
+            return await run_dualfocus(self, query, request_id, started)
+        return await run_single_pass(self, query, request_id, started, on_text)
 
     # --- passes -----------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from .geometry import plan_crop
 from .trace import BoxTrace, Result, StageStats, Trace
 
 
-async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str) -> Result:
+async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str, started: asyncio.Event) -> Result:
     adapter = engine.adapter
     original = query.image
     width, height = original.size
@@ -31,15 +31,14 @@ async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str) 
     answer_params = lambda: engine.answer_params(query.sampling)  # noqa: E731 - one fresh copy per pass
 
     box_prompt = adapter.box_prompt(query.question)
-    box_prefilled = asyncio.Event()
     micro: PassOutput | None = None
     crop_size = None
     async with _tasks() as tasks:
         # 1-2. Box first: it is on the critical path. The macro pass waits for the box
-        # prompt to be prefilled, then reuses its cached image prefix.
+        # prompt to be prefilled (`started`), then reuses its cached image prefix.
         box_task = tasks.create_task(engine.generate(box_prompt, [full], engine.box_params(), f"{request_id}-box",
-                                                     PRIORITY_NEW, started=box_prefilled))
-        await _first_of(box_prefilled, box_task)
+                                                     PRIORITY_NEW, started=started))
+        await _first_of(started, box_task)
         macro_task = tasks.create_task(engine.generate(adapter.macro_prompt(query.question), [full], answer_params(),
                                                        f"{request_id}-macro", PRIORITY_STARTED))
         box = await box_task
@@ -90,13 +89,14 @@ async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str) 
     return Result(chosen.text, chosen.finish_reason, trace)
 
 
-async def run_single_pass(engine: DualFocusEngine, query: Query, request_id: str, on_text=None) -> Result:
+async def run_single_pass(engine: DualFocusEngine, query: Query, request_id: str, started: asyncio.Event,
+                          on_text=None) -> Result:
     """Macro mode, or a text-only request: one plain pass."""
     adapter = engine.adapter
     images = [adapter.model_image(query.image)] if query.image is not None else []
     out = await engine.generate(adapter.macro_prompt(query.question, with_image=bool(images)), images,
                                 engine.answer_params(query.sampling), f"{request_id}-macro", PRIORITY_NEW,
-                                on_text=on_text)
+                                started=started, on_text=on_text)
     why = "macro mode: one pass" if images else "no image: one plain pass"
     trace = Trace(mode="macro", chosen="macro", why=why, macro_answer=out.text, stages={"macro": out.stats()})
     return Result(out.text, out.finish_reason, trace)

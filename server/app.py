@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import uuid
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from engine import DualFocusEngine
 
@@ -41,21 +42,40 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.inflight = 0
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def request_id_and_body_limit(request: Request, call_next):
-        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            response = error_response(413, f"request body is larger than {settings.max_body_bytes} bytes")
-        else:
-            response = await call_next(request)
-        response.headers["X-Request-Id"] = request.state.request_id
-        return response
-
+    app.add_middleware(RequestIdAndBodyLimit, max_body_bytes=settings.max_body_bytes)
     app.include_router(chat_router)
     app.include_router(models_router)
     app.include_router(ops_router)
     return app
+
+
+class RequestIdAndBodyLimit:
+    """Gives every request an id (the client's X-Request-Id if sent), echoed in the response,
+    and refuses bodies over the limit by their Content-Length before reading them.
+
+    Plain ASGI rather than @app.middleware("http"): that wrapper hides the client's
+    disconnect from the endpoint, and disconnects must abort the request's passes."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            response = error_response(413, f"request body is larger than {self.max_body_bytes} bytes")
+            return await response(scope, receive, send_with_id)
+        await self.app(scope, receive, send_with_id)
 
 
 async def _load_engine(app: FastAPI, settings: ServerSettings) -> None:
@@ -82,5 +102,19 @@ async def _drain(app: FastAPI, seconds: float) -> None:
 def serve(settings: ServerSettings) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=int(settings.drain_seconds) + 5)
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # As uvicorn's, without re-raising the signal at the end: a SIGTERM that
+            # drained cleanly is a normal stop, and exits 0.
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=int(settings.drain_seconds))
+    Server(config).run()

@@ -6,6 +6,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from vllm.exceptions import GracefulHTTPError, VLLMClientError
+from vllm.v1.engine.exceptions import EngineDeadError
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
@@ -35,6 +37,19 @@ def install_error_handlers(app: FastAPI) -> None:
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         msg = first.get("msg", "invalid request")
         return error_response(400, f"{loc}: {msg}" if loc else msg, param=loc or None)
+
+    @app.exception_handler(VLLMClientError)
+    async def _vllm_client_error(_: Request, e: VLLMClientError):
+        # vLLM refusing what the client sent (prompt longer than the context, bad parameters).
+        return error_response(400, str(e), param=getattr(e, "parameter", None))
+
+    @app.exception_handler(GracefulHTTPError)
+    async def _vllm_graceful(_: Request, e: GracefulHTTPError):
+        return error_response(int(e.http_status), str(e))
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(_: Request, e: EngineDeadError):
+        return error_response(503, "the engine has stopped", code="engine_dead")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException):

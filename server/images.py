@@ -1,19 +1,33 @@
-"""Images from request content parts: data: URLs, checked before anything is decoded."""
+"""Images from request content parts, checked before anything is decoded.
+
+Sources: base64 data: URLs always; http(s) URLs only from hosts on an allow-list
+(--allowed-image-domains), never to loopback, link-local or private addresses,
+redirects included; local files only under one folder (--allowed-local-media-path).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import io
+import ipaddress
 import re
+import socket
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
 
+import httpx
 import pybase64
 from PIL import Image, UnidentifiedImageError
 
 from .errors import APIError
 from .metrics import IMAGE_ERRORS
+from .settings import ServerSettings
 
 _DATA_URL = re.compile(r"^data:(image/[a-zA-Z0-9.+-]+)?(;[^,]*)?;base64,", re.IGNORECASE)
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
+_MAX_REDIRECTS = 3
+_FETCH_TIMEOUT_S = 10.0
 
 
 def _refuse(reason: str, status: int, message: str) -> APIError:
@@ -21,19 +35,80 @@ def _refuse(reason: str, status: int, message: str) -> APIError:
     return APIError(status, message, param="messages", code=f"image_{reason}")
 
 
-def load_image(url: str, max_bytes: int, max_pixels: int) -> Image.Image:
-    """A PIL image from a base64 data URL; a clear 4xx for anything else."""
-    m = _DATA_URL.match(url)
-    if not m:
+async def load_image(url: str, settings: ServerSettings) -> Image.Image:
+    """A decoded RGB image from an image_url, or a clear 4xx."""
+    if _DATA_URL.match(url):
+        data = _from_data_url(url, settings.max_image_bytes)
+    elif url.startswith(("http://", "https://")):
+        data = await _from_web(url, settings)
+    elif url.startswith("file://"):
+        data = _from_file(url, settings)
+    else:
         scheme = url.split(":", 1)[0] if ":" in url else "(none)"
-        raise _refuse("url", 400, f"image_url must be a base64 data: URL; scheme {scheme!r} is not enabled")
-    payload = url[m.end():]
+        raise _refuse("url", 400, f"image_url scheme {scheme!r} is not supported; send a base64 data: URL")
+    return decode_image(data, settings.max_image_pixels)
+
+
+def _from_data_url(url: str, max_bytes: int) -> bytes:
+    payload = url[_DATA_URL.match(url).end():]
     if len(payload) * 3 // 4 > max_bytes:
         raise _refuse("too_large", 413, f"image is larger than {max_bytes} bytes")
     try:
-        data = pybase64.b64decode(payload, validate=True)
+        return pybase64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise _refuse("bad_base64", 400, "image_url data is not valid base64") from None
+
+
+def _from_file(url: str, settings: ServerSettings) -> bytes:
+    if not settings.allowed_local_media_path:
+        raise _refuse("url", 400, "file:// image URLs are not enabled on this server (--allowed-local-media-path)")
+    root = Path(settings.allowed_local_media_path).resolve()
+    path = Path(urlsplit(url).path).resolve()
+    if not path.is_relative_to(root):
+        raise _refuse("url", 400, f"file:// image URLs must be under {root}")
+    if not path.is_file():
+        raise _refuse("not_found", 400, "no such image file")
+    if path.stat().st_size > settings.max_image_bytes:
+        raise _refuse("too_large", 413, f"image is larger than {settings.max_image_bytes} bytes")
+    return path.read_bytes()
+
+
+async def _from_web(url: str, settings: ServerSettings) -> bytes:
+    if not settings.allowed_image_domains:
+        raise _refuse("url", 400, "http(s) image URLs are not enabled on this server (--allowed-image-domains)")
+    async with httpx.AsyncClient(follow_redirects=False, timeout=_FETCH_TIMEOUT_S) as client:
+        for _ in range(_MAX_REDIRECTS + 1):
+            await _check_host(url, settings.allowed_image_domains)
+            async with client.stream("GET", url) as response:
+                if response.is_redirect:
+                    url = urljoin(url, response.headers.get("location", ""))
+                    continue
+                if response.status_code != 200:
+                    raise _refuse("fetch", 400, f"fetching the image failed with HTTP {response.status_code}")
+                data = bytearray()
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > settings.max_image_bytes:
+                        raise _refuse("too_large", 413, f"image is larger than {settings.max_image_bytes} bytes")
+                return bytes(data)
+    raise _refuse("fetch", 400, f"more than {_MAX_REDIRECTS} redirects")
+
+
+async def _check_host(url: str, allowed: list[str]) -> None:
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not any(host == d or host.endswith("." + d) for d in allowed):
+        raise _refuse("url", 400, f"image host {host!r} is not on this server's allow-list")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise _refuse("fetch", 400, f"image host {host!r} does not resolve") from None
+    for info in infos:
+        if not ipaddress.ip_address(info[4][0]).is_global:
+            raise _refuse("url", 400, f"image host {host!r} resolves to a non-public address")
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise _refuse("empty", 400, "image is empty")
     try:
@@ -42,7 +117,7 @@ def load_image(url: str, max_bytes: int, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError:
         raise _refuse("too_many_pixels", 413, "image has more pixels than PIL will decode") from None
     except (UnidentifiedImageError, OSError):
-        raise _refuse("not_an_image", 400, "image_url data is not a PNG, JPEG or WebP image") from None
+        raise _refuse("not_an_image", 400, "image data is not a PNG, JPEG or WebP image") from None
     if image.format not in ALLOWED_FORMATS:
         raise _refuse("format", 400, f"image format {image.format} is not one of PNG, JPEG, WebP")
     width, height = image.size

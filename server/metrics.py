@@ -16,6 +16,7 @@ STAGE_SECONDS = Histogram("dualfocus_stage_seconds", "Wall time of a DualFocus s
 TTFT = Histogram("dualfocus_time_to_first_token_seconds",
                  "Streamed requests: time from arrival to the first content chunk", buckets=_LATENCY_BUCKETS)
 INFLIGHT = Gauge("dualfocus_inflight_requests", "Requests admitted and not finished")
+QUEUE_DEPTH = Gauge("dualfocus_queue_depth", "Admitted requests the engine has not started yet")
 FUSION = Counter("dualfocus_fusion_decisions", "Which answer DualFocus returned", ["chosen"])
 BOX_OUTCOMES = Counter("dualfocus_box_outcomes", "What became of the box pass's box", ["outcome"])
 PROMPT_TOKENS = Counter("dualfocus_prompt_tokens", "Prompt tokens by stage", ["stage"])

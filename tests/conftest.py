@@ -21,3 +21,79 @@ def scene(width=640, height=480, seed=0):
     draw.rectangle((width // 10, height // 6, width // 3, height // 2), fill=(200 - 7 * seed % 200, 30, 30))
     draw.ellipse((width // 2, height // 2, width - width // 8, height - height // 10), fill=(30, 60 + 11 * seed % 190, 220))
     return image
+
+
+def data_url(image, fmt="PNG") -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class RunningServer:
+    """`dualfocus serve` in a subprocess, as users run it."""
+
+    API_KEY = "test-key"
+
+    def __init__(self, port: int, process, health_statuses: list[int], media_dir):
+        # media_dir: the server's --allowed-local-media-path (its own folder)
+        self.port, self.process, self.health_statuses, self.media_dir = port, process, health_statuses, media_dir
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    def metrics(self) -> dict:
+        """Samples of /metrics by (name, sorted labels)."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.base_url + "/metrics", timeout=10).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def value(self, name: str, **labels) -> float:
+        return sum(v for (n, ls), v in self.metrics().items()
+                   if n == name and all(dict(ls).get(k) == str(w) for k, w in labels.items()))
+
+
+def start_server(folder, *args: str) -> RunningServer:
+    """Start `dualfocus serve` on a free port with tiny-llava; returns once /health is 200."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(folder / "server.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port),
+                                "--kv-cache-gib", "1", *args], stdout=log, stderr=subprocess.STDOUT)
+    statuses = []
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        assert process.poll() is None, f"server exited with {process.returncode}; see {log.name}"
+        try:
+            statuses.append(httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code)
+            if statuses[-1] == 200:
+                return RunningServer(port, process, statuses, folder)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"server not ready in time; see {log.name}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One server for the session: an API key and small limits so tests can reach them."""
+    folder = tmp_path_factory.mktemp("server")
+    running = start_server(
+        folder, "--api-key", RunningServer.API_KEY, "--max-inflight-requests", "4", "--max-image-pixels", "1000000",
+        "--max-body-bytes", "4000000", "--drain-seconds", "5",
+        "--allowed-image-domains", "localhost,images.example", "--allowed-local-media-path", str(folder))
+    yield running
+    running.process.terminate()
+    running.process.wait(timeout=60)

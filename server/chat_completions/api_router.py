@@ -20,7 +20,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, engine=Depends(ready_engine),
                                  settings=Depends(settings)):
     arrived = time.perf_counter()
-    query = to_query(body, settings, engine.max_model_len)
+    query = await to_query(body, settings, engine.max_model_len)
     service = ChatCompletionsService(engine, settings)
     request_id = request.state.request_id
     if body.stream:

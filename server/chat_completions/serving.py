@@ -28,7 +28,7 @@ from ..settings import ServerSettings
 from .protocol import ChatCompletionRequest, ImagePart, TextPart
 
 
-def to_query(req: ChatCompletionRequest, settings: ServerSettings, max_model_len: int) -> Query:
+async def to_query(req: ChatCompletionRequest, settings: ServerSettings, max_model_len: int) -> Query:
     """Decode: one user turn (text and at most the allowed number of images) -> Query."""
     if req.model != settings.model_name:
         raise APIError(404, f"model {req.model!r} does not exist; this server serves {settings.model_name!r}",
@@ -48,8 +48,11 @@ def to_query(req: ChatCompletionRequest, settings: ServerSettings, max_model_len
     question = "\n".join(texts).strip()
     if not question:
         raise APIError(400, "the user message has no text", param="messages")
-    image = load_image(images[0], settings.max_image_bytes, settings.max_image_pixels) if images else None
+    image = await load_image(images[0], settings) if images else None
     max_tokens = req.max_completion_tokens or req.max_tokens or min(512, max_model_len)
+    if max_tokens >= max_model_len:
+        raise APIError(400, f"max_tokens={max_tokens} does not fit the model's context length of {max_model_len} "
+                            "tokens with any prompt", param="max_tokens")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     sampling = Sampling(max_tokens=max_tokens, temperature=req.temperature or 0.0, top_p=req.top_p,
                         seed=req.seed, stop=stop)
@@ -153,8 +156,13 @@ class ChatCompletionsService:
         mode = query.mode if query.image is not None else "macro"
         t0 = time.perf_counter()
         status = "error"
+        # Queued until the engine starts the request's first pass.
+        started = asyncio.Event()
+        metrics.QUEUE_DEPTH.inc()
+        waiting = asyncio.create_task(started.wait())
+        waiting.add_done_callback(lambda _: metrics.QUEUE_DEPTH.dec())
         try:
-            result = await self.engine.answer(query, request_id, on_text=on_text)
+            result = await self.engine.answer(query, request_id, on_text=on_text, started=started)
             status = "ok"
             metrics.record_result(result)
             return result
@@ -162,6 +170,7 @@ class ChatCompletionsService:
             status = "cancelled"
             raise
         finally:
+            waiting.cancel()
             metrics.REQUESTS.labels(mode, status).inc()
             metrics.REQUEST_SECONDS.labels(mode).observe(time.perf_counter() - t0)
 

@@ -1,0 +1,30 @@
+"""Starting and stopping the service as a supervisor would."""
+
+import asyncio
+import signal
+
+import httpx
+import pytest
+
+from .conftest import start_server
+
+pytestmark = pytest.mark.engine
+
+
+async def test_sigterm_finishes_in_flight_requests_then_exits_0(tmp_path):
+    running = start_server(tmp_path, "--drain-seconds", "20")
+    body = {"model": "tiny-llava", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 300}
+    async with httpx.AsyncClient(base_url=running.base_url, timeout=60) as http:
+        request = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if await asyncio.to_thread(running.value, "dualfocus_inflight_requests") == 1:
+                break
+        assert not request.done(), "the request must still be in flight when SIGTERM arrives"
+        running.process.send_signal(signal.SIGTERM)
+        response = await request
+    assert response.status_code == 200
+    reply = response.json()
+    # The whole answer: it ended on its own (end of turn or max_tokens), not cut off by the shutdown.
+    assert reply["choices"][0]["message"]["content"] and reply["usage"]["completion_tokens"] > 100
+    assert await asyncio.to_thread(running.process.wait, 60) == 0
