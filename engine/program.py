@@ -20,7 +20,7 @@ import time
 from .engine import PRIORITY_NEW, PRIORITY_STARTED, DualFocusEngine, PassOutput, Query
 from .fusion import decide, parse_question, pick_by_score
 from .geometry import plan_crop
-from .trace import BoxTrace, Result, StageStats, Trace
+from .trace import BoxTrace, CropTrace, Result, StageStats, Trace
 
 
 async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str, started: asyncio.Event) -> Result:
@@ -32,7 +32,7 @@ async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str, 
 
     box_prompt = adapter.box_prompt(query.question)
     micro: PassOutput | None = None
-    crop_size = None
+    crop_trace = None
     async with _tasks() as tasks:
         # 1-2. Box first: it is on the critical path. The macro pass waits for the box
         # prompt to be prefilled (`started`), then reuses its cached image prefix.
@@ -47,17 +47,17 @@ async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str, 
         parsed = adapter.parse_box(box.text, width, height)
         plan = plan_crop(parsed.pixels, width, height) if parsed else None
         box_trace = BoxTrace(box.text, parsed.normalized if parsed else None,
-                             plan.rect if plan else None, plan.outcome if plan else "unparsed")
+                             _sorted_ints(parsed.pixels) if parsed else None, plan.outcome if plan else "unparsed")
 
         # 4. Micro pass, if there is a crop to look at.
         if plan and plan.usable:
             crop = adapter.model_image(original.crop(plan.rect))
-            crop_size = (plan.rect[2] - plan.rect[0], plan.rect[3] - plan.rect[1])
+            crop_trace = CropTrace(plan.rect)
             micro = await engine.generate(adapter.micro_prompt(box_prompt, box.token_ids, query.question),
                                           [full, crop], answer_params(), f"{request_id}-micro", PRIORITY_STARTED)
         macro = await macro_task
 
-    trace = Trace(mode="dualfocus", chosen="macro", why="", macro_answer=macro.text, box=box_trace, crop=crop_size,
+    trace = Trace(mode="dualfocus", chosen="macro", why="", macro_answer=macro.text, box=box_trace, crop=crop_trace,
                   stages={"macro": macro.stats(), "box": box.stats()})
     if micro is None:
         trace.why = f"no micro pass: box {box_trace.outcome}"
@@ -123,6 +123,12 @@ async def _first_of(event: asyncio.Event, task: asyncio.Task) -> None:
         waiter.cancel()
     if task.done() and not event.is_set():
         task.result()
+
+
+def _sorted_ints(box) -> tuple[int, int, int, int]:
+    x1, x2 = sorted((box[0], box[2]))
+    y1, y2 = sorted((box[1], box[3]))
+    return round(x1), round(y1), round(x2), round(y2)
 
 
 def _sum_stats(stats: list[StageStats], ms: float) -> StageStats:

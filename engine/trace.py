@@ -23,8 +23,23 @@ class StageStats:
 class BoxTrace:
     text: str  # the model's raw box reply
     normalized: tuple[float, float, float, float] | None  # 0-1 of the original image
-    pixels: tuple[int, int, int, int] | None  # crop rectangle in the original image
+    pixels: tuple[int, int, int, int] | None  # the box in pixels of the original image, sorted
     outcome: str  # ok | degenerate | outside | empty | unparsed
+
+
+@dataclass
+class CropTrace:
+    """The region the micro pass saw: the box squared, clipped and enlarged (x2, y2 exclusive)."""
+
+    rect: tuple[int, int, int, int]
+
+    @property
+    def width(self) -> int:
+        return self.rect[2] - self.rect[0]
+
+    @property
+    def height(self) -> int:
+        return self.rect[3] - self.rect[1]
 
 
 @dataclass
@@ -35,7 +50,7 @@ class Trace:
     macro_answer: str
     micro_answer: str | None = None
     box: BoxTrace | None = None
-    crop: tuple[int, int] | None = None  # width, height
+    crop: CropTrace | None = None
     scores: dict[str, float] | None = None  # mean token NLL per candidate; lower wins
     stages: dict[str, StageStats] = field(default_factory=dict)
 

@@ -4,19 +4,21 @@ import asyncio
 import math
 
 import pytest
+import pytest_asyncio
 
 from engine import DualFocusEngine, EngineConfig, Query, Sampling
 from engine.engine import PRIORITY_NEW
 
 from .conftest import scene
 
-pytestmark = pytest.mark.engine
+# Own event loop per module: the in-process engine binds to the loop it first runs in.
+pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 
 QUESTIONS = ["What colour is the square?", "Where is the blue disc?", "How many shapes are there?",
              "Is the sky visible?", "What is on the left?", "Which shape is larger?"]
 
 
-@pytest.fixture(scope="module", params=["tiny-llava", "tiny-qwen2-vl"])
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["tiny-llava", "tiny-qwen2-vl"])
 async def engine(request):
     eng = DualFocusEngine.create(EngineConfig(model=request.param, kv_cache_gib=1, max_model_len=4096))
     await eng.warm_up()
@@ -35,9 +37,13 @@ def check_complete(result, image):
     assert {"macro", "box", "micro"} <= set(t.stages)
     assert t.box.outcome in ("ok", "degenerate")
     assert all(0.0 <= v <= 1.0 for v in t.box.normalized)
-    x1, y1, x2, y2 = t.box.pixels
+    bx1, by1, bx2, by2 = t.box.pixels
+    assert 0 <= bx1 <= bx2 <= image.width and 0 <= by1 <= by2 <= image.height
+    x1, y1, x2, y2 = t.crop.rect
     assert 0 <= x1 < x2 <= image.width - 1 and 0 <= y1 < y2 <= image.height - 1
-    assert t.crop == (x2 - x1, y2 - y1)
+    assert (t.crop.width, t.crop.height) == (x2 - x1, y2 - y1)
+    # The crop holds the box's centre (the square is centred on it; clipping keeps it inside).
+    assert x1 <= (bx1 + bx2) / 2 <= x2 and y1 <= (by1 + by2) / 2 <= y2
     assert t.chosen in ("macro", "micro", "same") and t.why
     assert result.answer == (t.micro_answer if t.chosen == "micro" else t.macro_answer)
     if t.chosen == "same":

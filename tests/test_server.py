@@ -36,10 +36,15 @@ def check_trace(trace, answer, image):
     assert answer == (trace["micro_answer"] if trace["chosen"] == "micro" else trace["macro_answer"])
     box = trace["box"]
     assert box["text"].startswith("[") and len(box["normalized"]) == 4
-    if box["pixels"] is not None:
-        x1, y1, x2, y2 = box["pixels"]
-        assert 0 <= x1 < x2 <= image.width and 0 <= y1 < y2 <= image.height
-        assert trace["crop"] == {"width": x2 - x1, "height": y2 - y1}
+    bx1, by1, bx2, by2 = box["pixels"]  # the model's box in the image's pixels
+    assert 0 <= bx1 <= bx2 <= image.width and 0 <= by1 <= by2 <= image.height
+    nx1, ny1, nx2, ny2 = box["normalized"]  # as the model wrote it (LLaVA: 0-1 of width and height)
+    assert [bx1, bx2] == sorted([round(nx1 * image.width), round(nx2 * image.width)])
+    assert [by1, by2] == sorted([round(ny1 * image.height), round(ny2 * image.height)])
+    if trace["crop"] is not None:
+        x1, y1, x2, y2 = trace["crop"]["rect"]
+        assert 0 <= x1 < x2 < image.width and 0 <= y1 < y2 < image.height
+        assert (trace["crop"]["width"], trace["crop"]["height"]) == (x2 - x1, y2 - y1)
         assert trace["stages"]["micro"]["cached_tokens"] >= 512
     assert set(trace["stages"]) >= {"macro", "box"}
 

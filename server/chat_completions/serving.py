@@ -75,7 +75,7 @@ def _trace(req: ChatCompletionRequest, result: Result) -> dict | None:
         "micro_answer": t.micro_answer,
         "box": None if t.box is None else {"text": t.box.text, "normalized": t.box.normalized,
                                            "pixels": t.box.pixels, "outcome": t.box.outcome},
-        "crop": None if t.crop is None else {"width": t.crop[0], "height": t.crop[1]},
+        "crop": None if t.crop is None else {"width": t.crop.width, "height": t.crop.height, "rect": t.crop.rect},
         "scores": t.scores,
         "stages": {name: {"ms": round(s.ms, 3), "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens}
                    for name, s in t.stages.items()},
