@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, how long in-flight requests may finish (default: %(default)s)")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
+
+    from clients.python import cli as ask_cli
+
+    ask_cli.add_parser(sub)
     return parser
 
 
