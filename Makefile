@@ -3,12 +3,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= tiny-llava
 
-.PHONY: help install test-tools models serve test test-fast clean
+.PHONY: help install test-tools models serve test test-fast bench clean
 
 help:
 	@echo "make serve   set up, build the default tiny model if missing, and serve it on 127.0.0.1:8000"
 	@echo "make test    set up, then run the whole test suite"
 	@echo "make models  build the embedded tiny checkpoints (prints NAME PATH)"
+	@echo "make bench   this service vs stock vLLM vs the reference's way (docs/benchmarks.md)"
 
 install:
 	@bash deploy/install.sh
@@ -32,6 +33,10 @@ test: install test-tools
 # Everything that needs no vLLM engine (seconds, not minutes).
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not engine"
+
+# The side-by-side benchmark (about 10 minutes): results in loadtests/results/, table in docs/benchmarks.md.
+bench: install
+	$(PY) -m loadtests.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Load generation and the side-by-side benchmark (`make bench`)."""

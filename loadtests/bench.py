@@ -1,0 +1,182 @@
+"""`make bench`: this service vs what a user would do instead, on one model and machine, in one run.
+
+1. ours (dualfocus) vs DualFocus orchestrated by a client over stock vLLM's OpenAI server
+2. ours: dualfocus vs macro (what the micro pass costs)
+3. ours (macro) vs stock vLLM plain chat (what our front end costs)
+4. ours (dualfocus) vs the reference's way (sequential transformers calls, loadtests/reference_hf.py)
+5. prompt tokens computed per DualFocus question vs with no sharing
+
+Writes loadtests/results/bench-<time>.json and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+from engine.tiny import ensure_tiny
+
+from . import scenes
+from .loadgen import git_revision, machine, request_fn, run_load, summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "tiny-llava"
+
+
+def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
+    process = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{cmd[:4]} exited with {process.returncode}; see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    process.kill()
+    raise RuntimeError(f"{cmd[:4]} not ready; see {log}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def measure(port: int, system: str, mode: str, levels: list[int], items, max_tokens: int) -> dict:
+    async def go():
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
+                                    timeout=600)
+        send = request_fn(system, client, MODEL, mode, max_tokens, stream=False)
+        await run_load(send, items[:4], concurrency=2, requests=4, progress=False)  # warm-up
+        out = {}
+        for c in levels:
+            samples, wall = await run_load(send, items, concurrency=c, requests=8 + 4 * c, progress=False)
+            out[str(c)] = summarize(samples, wall)
+            s = out[str(c)]
+            print(f"  {system:16s} {mode:9s} c={c:<3d} {s['requests_per_s']:6.2f} req/s  "
+                  f"p50 {s['latency_s'].get('p50', float('nan')):.3f} s  errors {s['errors']}", flush=True)
+        await client.close()
+        return out
+
+    return asyncio.run(go())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--levels", default="1,4,8,16", help="concurrency levels (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=16, help="default: %(default)s")
+    p.add_argument("--reference-questions", type=int, default=16, help="default: %(default)s")
+    p.add_argument("--port", type=int, default=8700)
+    args = p.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+    items = scenes.synthetic(256)
+    path = ensure_tiny(MODEL)
+    logs = ROOT / "loadtests" / "results" / "tmp"
+    logs.mkdir(parents=True, exist_ok=True)
+    results = {"command": "make bench (python -m loadtests.bench " + " ".join(argv or sys.argv[1:]) + ")",
+               "git": git_revision(), "machine": machine(), "model": MODEL, "max_tokens": args.max_tokens,
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "systems": {}}
+
+    print("this service", flush=True)
+    server = start([sys.executable, "-m", "engine.cli", "serve", "--port", str(args.port), "--model", MODEL,
+                    "--max-inflight-requests", "256"], args.port, logs / "ours.log")
+    try:
+        results["systems"]["ours-dualfocus"] = measure(args.port, "ours", "dualfocus", levels, items, args.max_tokens)
+        results["systems"]["ours-macro"] = measure(args.port, "ours", "macro", levels, items, args.max_tokens)
+    finally:
+        stop(server)
+
+    print("stock vLLM OpenAI server", flush=True)
+    stock = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--port", str(args.port),
+                   "--model", str(path), "--served-model-name", MODEL, "--enforce-eager", "--max-model-len", "4096",
+                   "--kv-cache-memory-bytes", str(4 << 30), "--limit-mm-per-prompt", '{"image": 2}',
+                   "--enable-prefix-caching"], args.port, logs / "stock.log")
+    try:
+        results["systems"]["stock-dualfocus"] = measure(args.port, "stock-dualfocus", "dualfocus", levels, items,
+                                                        args.max_tokens)
+        results["systems"]["stock-chat"] = measure(args.port, "stock-chat", "macro", levels, items, args.max_tokens)
+    finally:
+        stop(stock)
+
+    print("reference: sequential transformers calls", flush=True)
+    out = subprocess.run([sys.executable, "-m", "loadtests.reference_hf", "--questions",
+                          str(args.reference_questions), "--max-tokens", str(args.max_tokens)],
+                         capture_output=True, text=True, check=True)
+    results["systems"]["reference-hf"] = json.loads(out.stdout)["summary"]
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_path = ROOT / "loadtests" / "results" / f"bench-{stamp}.json"
+    out_path.write_text(json.dumps(results, indent=2))
+    (ROOT / "docs" / "benchmarks.md").write_text(report(results, out_path.relative_to(ROOT)))
+    print(f"wrote {out_path} and docs/benchmarks.md", flush=True)
+    return 0
+
+
+def report(r: dict, path) -> str:
+    s = r["systems"]
+    levels = list(s["ours-dualfocus"])
+
+    def rps(name, c):
+        return s[name][c]["requests_per_s"]
+
+    def p50(name, c):
+        return s[name][c]["latency_s"]["p50"]
+
+    lines = [
+        "# Benchmarks", "",
+        f"Generated by `{r['command']}` at git `{r['git']}` on {r['machine']['platform']} "
+        f"({r['machine']['cpus']} CPUs), {r['started']}. Raw figures: `{path}`.",
+        f"Model: {r['model']} (random weights, 576 image tokens per image), max_tokens {r['max_tokens']}, "
+        "closed loop, 8 + 4 x concurrency requests per level on distinct synthetic scenes. "
+        "One run; this machine is noisy, so read ratios, not absolute figures.", "",
+        "## Throughput (requests/s) and median latency (s) by concurrency", "",
+        "| system | " + " | ".join(f"c={c} req/s | c={c} p50" for c in levels) + " |",
+        "|---|" + "---|---|" * len(levels),
+    ]
+    for name in ("ours-dualfocus", "stock-dualfocus", "ours-macro", "stock-chat"):
+        lines.append(f"| {name} | " + " | ".join(f"{rps(name, c):.2f} | {p50(name, c):.3f}" for c in levels) + " |")
+    ref = s["reference-hf"]
+    lines += [f"| reference-hf (sequential) | {ref['requests_per_s']:.2f} req/s, p50 {ref['latency_s']['p50']:.3f} s "
+              "at any concurrency |" + " |" * (2 * len(levels) - 1), "", "## Against the targets", "",
+              "| comparison | target | measured |", "|---|---|---|"]
+    for c in levels:
+        lines.append(f"| (1) ours / stock-orchestrated DualFocus, throughput, c={c} | >= 1.5x | "
+                     f"{rps('ours-dualfocus', c) / rps('stock-dualfocus', c):.2f}x |")
+        lines.append(f"| (1) ours / stock-orchestrated DualFocus, p50 latency, c={c} | <= 0.7x | "
+                     f"{p50('ours-dualfocus', c) / p50('stock-dualfocus', c):.2f}x |")
+    top = levels[-1]
+    lines.append(f"| (2) ours dualfocus / ours macro, throughput, c={top} | >= 0.5 | "
+                 f"{rps('ours-dualfocus', top) / rps('ours-macro', top):.2f} |")
+    lines.append(f"| (3) ours macro / stock chat, throughput, c={top} | >= 0.9 | "
+                 f"{rps('ours-macro', top) / rps('stock-chat', top):.2f} |")
+    lines.append(f"| (4) ours dualfocus (c={top}) / reference sequential, throughput | >= 5x | "
+                 f"{rps('ours-dualfocus', top) / ref['requests_per_s']:.1f}x |")
+    d = s["ours-dualfocus"][top]
+    # No sharing: every pass computes its whole prompt (what the same passes cost with no prefix cache).
+    ratio = d["computed_prompt_tokens_per_request"] / d["prompt_tokens_per_request"]
+    lines.append(f"| (5) prompt tokens computed / with no sharing, per DualFocus question | <= 0.4 | "
+                 f"{ratio:.2f} ({d['computed_prompt_tokens_per_request']:.0f} of "
+                 f"{d['prompt_tokens_per_request']:.0f}) |")
+    stages = d.get("stages", {})
+    lines += ["", f"## Where a DualFocus request's time goes (ours, c={top})", "",
+              "| stage | p50 ms | share of prompt tokens from cache |", "|---|---|---|"]
+    lines += [f"| {name} | {v['ms_p50']:.1f} | {v['cached_ratio']:.2f} |" for name, v in stages.items()]
+    lines += ["", f"Answers chosen: {d.get('chosen')}.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
