@@ -8,7 +8,7 @@ is an ordinary vLLM request, so cancelling the calling task aborts it in vLLM.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import hashlib
 import logging
 import math
 import time
@@ -49,6 +49,24 @@ class Query:
     sampling: Sampling = field(default_factory=Sampling)
 
 
+@dataclass(frozen=True)
+class ModelImage:
+    """An image as the model sees it, with a content id computed once per request.
+
+    vLLM keys its prefix and processor caches by each image's hash; given the id it
+    skips hashing the pixels again in every pass (a DualFocus request sends the
+    full image in five passes), and the same image still gets the same id."""
+
+    image: Image.Image
+    uuid: str
+
+    @classmethod
+    def of(cls, image: Image.Image) -> "ModelImage":
+        digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+        digest.update(f"{image.mode}{image.size}".encode())
+        return cls(image, digest.hexdigest())
+
+
 @dataclass
 class PassOutput:
     """One finished engine sequence."""
@@ -70,7 +88,6 @@ class DualFocusEngine:
         self.llm = llm
         self.adapter = adapter
         self.config = config
-        self._ids = itertools.count()
         # Passes that re-ran their prompt because the prefix cache already held the
         # candidate tokens being scored (see score()); reported by the server's metrics.
         self.scoring_recomputes = 0
@@ -101,8 +118,18 @@ class DualFocusEngine:
         ids = self.adapter.macro_prompt("warm up", with_image=False)
         await self.score(ids, [], ids[-2:], f"warmup-{uuid.uuid4().hex}")
 
+    @property
+    def dead(self) -> bool:
+        """Shut down, or vLLM's engine core died: nothing more will be served."""
+        return self.llm is None or self.llm.errored
+
     def shutdown(self) -> None:
-        self.llm.shutdown()
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
+            # Dropping the last reference now lets AsyncLLM's finaliser run while the
+            # interpreter is whole (at exit it fails noisily).
+            del llm
 
     async def answer(self, query: Query, request_id: str | None = None,
                      on_text: Callable[[str], None] | None = None,
@@ -136,7 +163,7 @@ class DualFocusEngine:
         return SamplingParams(max_tokens=self.config.box_max_tokens, temperature=0.0,
                               structured_outputs=StructuredOutputsParams(regex=self.adapter.box_regex))
 
-    async def generate(self, prompt_ids: list[int], images: list[Image.Image], params, request_id: str,
+    async def generate(self, prompt_ids: list[int], images: list[ModelImage], params, request_id: str,
                        priority: int, started: asyncio.Event | None = None,
                        on_text: Callable[[str], None] | None = None) -> PassOutput:
         """Run one sequence to completion. `started` is set when its first token arrives,
@@ -146,7 +173,8 @@ class DualFocusEngine:
 
         prompt = {"prompt_token_ids": prompt_ids}
         if images:
-            prompt["multi_modal_data"] = {"image": images}
+            prompt["multi_modal_data"] = {"image": [i.image for i in images]}
+            prompt["multi_modal_uuids"] = {"image": [i.uuid for i in images]}
         streamed = started is not None or on_text is not None
         params.output_kind = RequestOutputKind.CUMULATIVE if streamed else RequestOutputKind.FINAL_ONLY
         t0 = time.perf_counter()
@@ -168,7 +196,7 @@ class DualFocusEngine:
             prompt_logprobs=final.prompt_logprobs,
         )
 
-    async def score(self, prefix_ids: list[int], images: list[Image.Image], reply_ids: list[int],
+    async def score(self, prefix_ids: list[int], images: list[ModelImage], reply_ids: list[int],
                     request_id: str) -> tuple[float, StageStats]:
         """Mean negative log-likelihood of `reply_ids` as the reply after `prefix_ids`.
 
@@ -200,5 +228,7 @@ class DualFocusEngine:
     def _scoring_params(self, read_cache: bool):
         from vllm import SamplingParams
 
+        # flat_logprobs: vLLM builds a row per prompt position (over a thousand here); flat
+        # lists instead of a dict per row cut that cost in the front end by half or more.
         return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
-                              skip_reading_prefix_cache=not read_cache)
+                              skip_reading_prefix_cache=not read_cache, flat_logprobs=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from .engine import PRIORITY_NEW, PRIORITY_STARTED, DualFocusEngine, PassOutput, Query
+from .engine import PRIORITY_NEW, PRIORITY_STARTED, DualFocusEngine, ModelImage, PassOutput, Query
 from .fusion import decide, parse_question, pick_by_score
 from .geometry import plan_crop
 from .trace import BoxTrace, CropTrace, Result, StageStats, Trace
@@ -27,7 +27,7 @@ async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str, 
     adapter = engine.adapter
     original = query.image
     width, height = original.size
-    full = adapter.model_image(original)
+    full = ModelImage.of(adapter.model_image(original))
     answer_params = lambda: engine.answer_params(query.sampling)  # noqa: E731 - one fresh copy per pass
 
     box_prompt = adapter.box_prompt(query.question)
@@ -51,7 +51,7 @@ async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str, 
 
         # 4. Micro pass, if there is a crop to look at.
         if plan and plan.usable:
-            crop = adapter.model_image(original.crop(plan.rect))
+            crop = ModelImage.of(adapter.model_image(original.crop(plan.rect)))
             crop_trace = CropTrace(plan.rect)
             micro = await engine.generate(adapter.micro_prompt(box_prompt, box.token_ids, query.question),
                                           [full, crop], answer_params(), f"{request_id}-micro", PRIORITY_STARTED)
@@ -93,7 +93,7 @@ async def run_single_pass(engine: DualFocusEngine, query: Query, request_id: str
                           on_text=None) -> Result:
     """Macro mode, or a text-only request: one plain pass."""
     adapter = engine.adapter
-    images = [adapter.model_image(query.image)] if query.image is not None else []
+    images = [ModelImage.of(adapter.model_image(query.image))] if query.image is not None else []
     out = await engine.generate(adapter.macro_prompt(query.question, with_image=bool(images)), images,
                                 engine.answer_params(query.sampling), f"{request_id}-macro", PRIORITY_NEW,
                                 started=started, on_text=on_text)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 TINY_MODELS = ("tiny-llava", "tiny-qwen2-vl")
 # Bump when the recipe changes, so cached builds of an older recipe are rebuilt.
-RECIPE_VERSION = "2"
+RECIPE_VERSION = "3"
 _MANIFEST = "dualfocus-tiny.json"
 _SEED = 1234
 # Larger than a trained model's 0.02 so that a random model's replies depend on the
@@ -124,20 +124,19 @@ def _seeded():
 
 # Vicuna v1, as LLaVA-1.5 and DualFocus use it; for clients of the stock vLLM server.
 LLAVA_CHAT_TEMPLATE = (
+    # SYSTEM USER: {text} ASSISTANT: {reply}</s>USER: ... ASSISTANT:  (images first, as "<image>\n")
     "{% set system = 'A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user\\'s questions.' %}"
     "{{ system }}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %} USER: "
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}<image>\n"
-    "{% endif %}{% endfor %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}"
-    "{% elif message['role'] == 'assistant' %} ASSISTANT: {{ message['content'] }}</s>"
+    "{% if message['content'] is string %}{% set text = message['content'] %}{% set images = 0 %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\n') %}"
+    "{% set images = message['content'] | rejectattr('type', 'equalto', 'text') | list | length %}{% endif %}"
+    "{% if message['role'] == 'user' %}{% if loop.first %} {% endif %}USER: {{ '<image>\n' * images }}{{ text }} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ text }}</s>"
     "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
 

@@ -32,7 +32,7 @@ def ready_engine(request: Request) -> DualFocusEngine:
     state = request.app.state
     if state.engine is None:
         raise APIError(503, "the model is still loading", code="not_ready", headers={"Retry-After": "5"})
-    if state.engine.llm.errored:
+    if state.engine.dead:
         raise APIError(503, "the engine has stopped", code="engine_dead")
     return state.engine
 

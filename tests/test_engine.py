@@ -7,7 +7,7 @@ import pytest
 import pytest_asyncio
 
 from engine import DualFocusEngine, EngineConfig, Query, Sampling
-from engine.engine import PRIORITY_NEW
+from engine.engine import PRIORITY_NEW, ModelImage
 
 from .conftest import scene
 
@@ -87,8 +87,8 @@ async def test_follow_up_prompts_extend_earlier_ones_as_vllm_expands_them(engine
     """Token for token on the expanded ids vLLM reports, image tokens included."""
     a = engine.adapter
     image = scene(seed=3)
-    full = a.model_image(image)
-    crop = a.model_image(image.crop((10, 10, 200, 150)))
+    full = ModelImage.of(a.model_image(image))
+    crop = ModelImage.of(a.model_image(image.crop((10, 10, 200, 150))))
     box_prompt = a.box_prompt(QUESTIONS[1])
     box = await engine.generate(box_prompt, [full], engine.box_params(), "t-box", PRIORITY_NEW)
     micro = await engine.generate(a.micro_prompt(box_prompt, box.token_ids, QUESTIONS[1]), [full, crop],

@@ -15,7 +15,7 @@ async def health(request: Request):
     engine = request.app.state.engine
     if engine is None:
         return error_response(503, "the model is still loading", code="not_ready")
-    if engine.llm.errored:
+    if engine.dead:
         return error_response(503, "the engine has stopped", code="engine_dead")
     return {"status": "ok"}
 
