@@ -151,7 +151,8 @@ def report(r: dict, path) -> str:
         f"Model: {r['model']} (random weights, 576 image tokens per image), max_tokens {r['max_tokens']}, "
         "closed loop, 8 + 4 x concurrency requests per level, each on a synthetic scene the server "
         "has not seen (no prefix shared across requests). "
-        "One run; this machine is noisy, so read ratios, not absolute figures.", "",
+        "One run; this machine is noisy, so read ratios, not absolute figures. "
+        "What the figures mean, where the time goes and what would close the gaps: docs/performance.md.", "",
         "## Throughput (requests/s) and median latency (s) by concurrency", "",
         "| system | " + " | ".join(f"c={c} req/s | c={c} p50" for c in levels) + " |",
         "|---|" + "---|---|" * len(levels),
