@@ -36,3 +36,22 @@ async def test_load_against_this_service(server, loop):
         assert summary["stages"]["micro"]["cached_ratio"] > 0.4  # the full-image prefix came from the cache
     assert summary["computed_prompt_tokens_per_request"] < summary["prompt_tokens_per_request"]
     await client.close()
+
+
+@pytest.mark.engine
+def test_vllms_own_load_tool_runs_against_this_service(server, tiny_llava_path):
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "loadtests.vllm_bench", "--backend", "openai-chat", "--base-url", server.base_url,
+         "--endpoint", "/v1/chat/completions", "--model", "tiny-llava", "--tokenizer", str(tiny_llava_path),
+         "--dataset-name", "random-mm", "--num-prompts", "6", "--max-concurrency", "3", "--random-input-len", "16",
+         "--random-output-len", "8", "--random-mm-base-items-per-request", "1",
+         "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
+         "--random-mm-bucket-config", "{(336, 336, 1): 1.0}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OPENAI_API_KEY": RunningServer.API_KEY})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = {line.split(":")[0].strip(): line.split(":")[-1].strip() for line in out.stdout.splitlines() if ":" in line}
+    assert lines["Successful requests"] == "6" and lines["Failed requests"] == "0"
