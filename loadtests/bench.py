@@ -83,7 +83,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=16, help="default: %(default)s")
     p.add_argument("--reference-questions", type=int, default=16, help="default: %(default)s")
     p.add_argument("--port", type=int, default=8700)
+    p.add_argument("--report-only", type=Path, metavar="RESULTS.json",
+                   help="only rewrite docs/benchmarks.md and its plot from an earlier run's results")
     args = p.parse_args(argv)
+    if args.report_only:
+        write_report(json.loads(args.report_only.read_text()), args.report_only.resolve())
+        return 0
     levels = [int(x) for x in args.levels.split(",")]
     # Disjoint image sets: one for the DualFocus runs, one for the single-pass runs (they share a
     # server, and a macro-mode prompt equals a DualFocus macro pass's), and a few to warm up with.
@@ -129,9 +134,43 @@ def main(argv=None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_path = ROOT / "loadtests" / "results" / f"bench-{stamp}.json"
     out_path.write_text(json.dumps(results, indent=2))
-    (ROOT / "docs" / "benchmarks.md").write_text(report(results, out_path.relative_to(ROOT)))
-    print(f"wrote {out_path} and docs/benchmarks.md", flush=True)
+    write_report(results, out_path)
     return 0
+
+
+def write_report(results: dict, results_path: Path) -> None:
+    plot(results, ROOT / "docs" / "benchmarks.png")
+    (ROOT / "docs" / "benchmarks.md").write_text(report(results, results_path.relative_to(ROOT)))
+    print(f"wrote docs/benchmarks.md and docs/benchmarks.png from {results_path}", flush=True)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Throughput and median latency against concurrency, one line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = results["systems"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in ("ours-dualfocus", "stock-dualfocus", "ours-macro", "stock-chat"):
+        levels = [int(c) for c in s[name]]
+        style = "-" if name.startswith("ours") else "--"
+        left.plot(levels, [s[name][str(c)]["requests_per_s"] for c in levels], style, marker="o", label=name)
+        right.plot(levels, [s[name][str(c)]["latency_s"]["p50"] for c in levels], style, marker="o", label=name)
+    ref = s["reference-hf"]
+    left.axhline(ref["requests_per_s"], color="grey", linestyle=":", label="reference-hf (sequential)")
+    right.axhline(ref["latency_s"]["p50"], color="grey", linestyle=":", label="reference-hf (sequential)")
+    left.set(xlabel="concurrency", ylabel="requests/s", title="Throughput")
+    right.set(xlabel="concurrency", ylabel="seconds", title="Median latency")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(f"{results['model']} on {results['machine']['cpus']} CPUs, git {results['git']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def report(r: dict, path) -> str:
@@ -153,6 +192,7 @@ def report(r: dict, path) -> str:
         "has not seen (no prefix shared across requests). "
         "One run; this machine is noisy, so read ratios, not absolute figures. "
         "What the figures mean, where the time goes and what would close the gaps: docs/performance.md.", "",
+        "![throughput and latency against concurrency](benchmarks.png)", "",
         "## Throughput (requests/s) and median latency (s) by concurrency", "",
         "| system | " + " | ".join(f"c={c} req/s | c={c} p50" for c in levels) + " |",
         "|---|" + "---|---|" * len(levels),
