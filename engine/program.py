@@ -28,7 +28,9 @@ async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str, 
     original = query.image
     width, height = original.size
     full = ModelImage.of(adapter.model_image(original))
-    answer_params = lambda: engine.answer_params(query.sampling)  # noqa: E731 - one fresh copy per pass
+
+    def answer_params():  # a fresh copy per pass: vLLM takes ownership of the params it is given
+        return engine.answer_params(query.sampling)
 
     box_prompt = adapter.box_prompt(query.question)
     micro: PassOutput | None = None

@@ -55,3 +55,23 @@ def test_vllms_own_load_tool_runs_against_this_service(server, tiny_llava_path):
     assert out.returncode == 0, out.stderr[-2000:]
     lines = {line.split(":")[0].strip(): line.split(":")[-1].strip() for line in out.stdout.splitlines() if ":" in line}
     assert lines["Successful requests"] == "6" and lines["Failed requests"] == "0"
+
+
+def test_folder_of_images_with_a_questions_file(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(tmp_path / "a.png")
+    (tmp_path / "q.jsonl").write_text('{"image": "a.png", "text": "What colour?"}\n\n{"image": "a.png", "question": "Why?"}\n')
+    items = scenes.from_folder(tmp_path, tmp_path / "q.jsonl")
+    assert [(i.question, i.width, i.height) for i in items] == [("What colour?", 64, 48), ("Why?", 64, 48)]
+    assert scenes.from_data_url(items[0].image_url).getpixel((0, 0)) == (1, 2, 3)
+
+
+@pytest.mark.engine
+async def test_streamed_load_measures_time_to_first_token(server):
+    client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key=RunningServer.API_KEY, max_retries=0)
+    send = request_fn("ours", client, "tiny-llava", "macro", 8, stream=True)
+    samples, wall = await run_load(send, scenes.synthetic(3, seed=5), concurrency=3, requests=3, progress=False)
+    summary = summarize(samples, wall)
+    assert summary["ok"] == 3 and 0 < summary["ttft_s"]["p50"] <= summary["latency_s"]["p50"]
+    await client.close()

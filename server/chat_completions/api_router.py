@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from ..deps import admit, ready_engine, require_api_key, settings
 from ..errors import APIError
 from .protocol import ChatCompletionRequest
-from .serving import ChatCompletionsService, new_request_id, to_query
+from .serving import ChatCompletionsService, to_query
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -40,5 +40,3 @@ async def _cancel_on_disconnect(request: Request, coro):
             await asyncio.gather(task, return_exceptions=True)
             raise APIError(499, "client disconnected")
 
-
-__all__ = ["router", "new_request_id"]

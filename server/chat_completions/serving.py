@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -181,7 +180,3 @@ def _finish(result: Result) -> str:
 
 def _sse(chunk: ChatCompletionChunk) -> str:
     return f"data: {json.dumps(chunk.model_dump(exclude_unset=True, exclude_none=False))}\n\n"
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
