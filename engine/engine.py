@@ -208,6 +208,8 @@ class DualFocusEngine:
         the reply's positions (the same candidate scored before), the rows we need
         were not computed either: then the prompt runs again without cache reads.
         """
+        if not reply_ids:
+            raise ValueError("an empty reply cannot be scored")
         out = await self.generate(prefix_ids + reply_ids, images, self._scoring_params(read_cache=True),
                                   request_id, PRIORITY_STARTED)
         stats = out.stats()

@@ -3,8 +3,8 @@
 Multiple-choice questions (options written as lines "A. ...", "B. ..."): when
 both answers are valid option letters they are scored by their option texts;
 when only one is valid it wins; when neither is, the macro answer stands.
-Open-ended questions: both answers are scored. Identical answers need no
-scoring. Lower mean token negative log-likelihood wins.
+Open-ended questions: both answers are scored (an empty one loses unscored).
+Identical answers need no scoring. Lower mean token negative log-likelihood wins.
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def decide(question: Question, macro: str, micro: str) -> Decision:
         return Decision("macro", "neither answer is a valid option")
     if macro.strip() == micro.strip():
         return Decision("same", "the answers are identical")
+    if not macro.strip() or not micro.strip():  # an empty reply has no tokens to score
+        return Decision("micro" if micro.strip() else "macro", "the other answer is empty")
     return Decision(None, "the answers differ; both are scored", {"macro": macro, "micro": micro})
 
 

@@ -55,6 +55,11 @@ def test_open_ended_different_answers_are_scored():
     assert d.chosen is None and d.candidates == {"macro": "red", "micro": "blue"}
 
 
+def test_open_ended_empty_answer_loses_without_scoring():
+    assert decide(parse_question("What colour?"), "", "red").chosen == "micro"
+    assert decide(parse_question("What colour?"), "red", "  ").chosen == "macro"
+
+
 def test_lower_nll_wins_and_a_tie_keeps_macro():
     assert pick_by_score({"macro": 2.0, "micro": 1.5})[0] == "micro"
     assert pick_by_score({"macro": 1.5, "micro": 2.0})[0] == "macro"
