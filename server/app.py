@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import uuid
 
 from fastapi import FastAPI
@@ -25,12 +26,12 @@ log = logging.getLogger("dualfocus.server")
 def create_app(settings: ServerSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        # Load in the background so /health can answer 503 while the model loads.
-        loading = asyncio.create_task(_load_engine(app, settings))
+        # In the background, so /health can answer 503 while the model loads.
+        engine_task = asyncio.create_task(_run_engine(app, settings))
         try:
             yield
         finally:
-            loading.cancel()
+            engine_task.cancel()
             engine = app.state.engine
             if engine is not None:
                 await _drain(app, settings.drain_seconds)
@@ -40,6 +41,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = None
     app.state.inflight = 0
+    app.state.exit_code = 0
     install_error_handlers(app)
 
     app.add_middleware(RequestIdAndBodyLimit, max_body_bytes=settings.max_body_bytes)
@@ -78,7 +80,8 @@ class RequestIdAndBodyLimit:
         await self.app(scope, receive, send_with_id)
 
 
-async def _load_engine(app: FastAPI, settings: ServerSettings) -> None:
+async def _run_engine(app: FastAPI, settings: ServerSettings) -> None:
+    """Load the engine, then watch it for as long as the server runs."""
     try:
         engine = await asyncio.to_thread(DualFocusEngine.create, settings.engine)
         await engine.warm_up()
@@ -88,6 +91,18 @@ async def _load_engine(app: FastAPI, settings: ServerSettings) -> None:
         os._exit(1)
     app.state.engine = engine
     log.info("ready: serving %s", settings.model_name)
+    await _watch_engine(app)
+
+
+async def _watch_engine(app: FastAPI, grace_s: float = 2.0) -> None:
+    """If vLLM's engine dies, answer 503 for a moment (probes see it), then stop with a
+    non-zero exit so a supervisor restarts the process: nothing here can revive it."""
+    while not app.state.engine.dead:
+        await asyncio.sleep(0.5)
+    log.error("the engine has died; exiting with status 1 in %.0f s", grace_s)
+    app.state.exit_code = 1
+    await asyncio.sleep(grace_s)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _drain(app: FastAPI, seconds: float) -> None:
@@ -115,6 +130,8 @@ def serve(settings: ServerSettings) -> None:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=int(settings.drain_seconds))
     Server(config).run()
+    sys.exit(app.state.exit_code)

@@ -28,3 +28,25 @@ async def test_sigterm_finishes_in_flight_requests_then_exits_0(tmp_path):
     # The whole answer: it ended on its own (end of turn or max_tokens), not cut off by the shutdown.
     assert reply["choices"][0]["message"]["content"] and reply["usage"]["completion_tokens"] > 100
     assert await asyncio.to_thread(running.process.wait, 60) == 0
+
+
+def test_engine_death_turns_health_503_then_exits_non_zero(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    running = start_server(tmp_path)
+    children = subprocess.run(["pgrep", "-P", str(running.process.pid)], capture_output=True, text=True).stdout.split()
+    engine_core = [pid for pid in children
+                   if "EngineCore" in open(f"/proc/{pid}/comm").read() or "VLLM" in open(f"/proc/{pid}/comm").read()]
+    assert engine_core, f"no engine core among {children}"
+    os.kill(int(engine_core[0]), signal.SIGKILL)
+    statuses, t0 = [], time.time()
+    while time.time() - t0 < 10 and 503 not in statuses:
+        try:
+            statuses.append(httpx.get(running.base_url + "/health", timeout=2).status_code)
+        except httpx.TransportError:
+            break
+        time.sleep(0.2)
+    assert 503 in statuses, statuses
+    assert running.process.wait(timeout=60) != 0
