@@ -89,7 +89,7 @@ class DualFocusEngine:
         self.adapter = adapter
         self.config = config
         # Passes that re-ran their prompt because the prefix cache already held the
-        # candidate tokens being scored (see score()); reported by the server's metrics.
+        # candidate tokens being scored (see score()). Not exported as a metric yet.
         self.scoring_recomputes = 0
 
     @classmethod
@@ -219,10 +219,7 @@ class DualFocusEngine:
             self.scoring_recomputes += 1
             out = await self.generate(prefix_ids + reply_ids, images, self._scoring_params(read_cache=False),
                                       request_id + "-nocache", PRIORITY_STARTED)
-            again = out.stats()
-            stats = StageStats(stats.ms + again.ms, stats.prompt_tokens + again.prompt_tokens,
-                               stats.cached_tokens + again.cached_tokens,
-                               stats.completion_tokens + again.completion_tokens)
+            stats = stats + out.stats()
         rows = out.prompt_logprobs[first:]
         nll = -sum(row[tok].logprob for row, tok in zip(rows, reply_ids)) / len(reply_ids)
         return (nll if math.isfinite(nll) else float("inf")), stats

@@ -29,12 +29,18 @@ class CropPlan:
         return self.rect is not None
 
 
+def sorted_box(box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    """(x1, y1, x2, y2) with x1 <= x2 and y1 <= y2: a reversed box is the same region."""
+    x1, x2 = sorted((box[0], box[2]))
+    y1, y2 = sorted((box[1], box[3]))
+    return x1, y1, x2, y2
+
+
 def plan_crop(box: tuple[float, float, float, float], width: int, height: int) -> CropPlan:
     """Where to crop for a box given in pixels of the original image (width x height)."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    x1, x2 = sorted((box[0], box[2]))
-    y1, y2 = sorted((box[1], box[3]))
+    x1, y1, x2, y2 = sorted_box(box)
     # Box coordinates are pixel edges: 0..width is the whole image, so x = width is its right edge.
     if x2 < 0 or y2 < 0 or x1 > width or y1 > height:
         return CropPlan("outside", None)

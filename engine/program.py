@@ -19,7 +19,7 @@ import time
 
 from .engine import PRIORITY_NEW, PRIORITY_STARTED, DualFocusEngine, ModelImage, PassOutput, Query
 from .fusion import decide, parse_question, pick_by_score
-from .geometry import plan_crop
+from .geometry import plan_crop, sorted_box
 from .trace import BoxTrace, CropTrace, Result, StageStats, Trace
 
 
@@ -49,7 +49,7 @@ async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str, 
         parsed = adapter.parse_box(box.text, width, height)
         plan = plan_crop(parsed.pixels, width, height) if parsed else None
         box_trace = BoxTrace(box.text, parsed.normalized if parsed else None,
-                             _sorted_ints(parsed.pixels) if parsed else None, plan.outcome if plan else "unparsed")
+                             tuple(round(v) for v in sorted_box(parsed.pixels)) if parsed else None, plan.outcome if plan else "unparsed")
 
         # 4. Micro pass, if there is a crop to look at.
         if plan and plan.usable:
@@ -85,8 +85,9 @@ async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str, 
                       for name, ids in replies.items()}
         trace.scores = {name: task.result()[0] for name, task in scored.items()}
         trace.chosen, trace.why = pick_by_score(trace.scores)
-        trace.stages["fusion"] = _sum_stats([task.result()[1] for task in scored.values()],
-                                            ms=(time.perf_counter() - t0) * 1000)
+        fusion = sum((task.result()[1] for task in scored.values()), StageStats())
+        fusion.ms = (time.perf_counter() - t0) * 1000  # wall time: the two scorings run side by side
+        trace.stages["fusion"] = fusion
     chosen = micro if trace.chosen == "micro" else macro
     return Result(chosen.text, chosen.finish_reason, trace)
 
@@ -127,12 +128,3 @@ async def _first_of(event: asyncio.Event, task: asyncio.Task) -> None:
         task.result()
 
 
-def _sorted_ints(box) -> tuple[int, int, int, int]:
-    x1, x2 = sorted((box[0], box[2]))
-    y1, y2 = sorted((box[1], box[3]))
-    return round(x1), round(y1), round(x2), round(y2)
-
-
-def _sum_stats(stats: list[StageStats], ms: float) -> StageStats:
-    return StageStats(ms, sum(s.prompt_tokens for s in stats), sum(s.cached_tokens for s in stats),
-                      sum(s.completion_tokens for s in stats))

@@ -18,6 +18,11 @@ class StageStats:
     cached_tokens: int = 0
     completion_tokens: int = 0
 
+    def __add__(self, other: "StageStats") -> "StageStats":
+        """Two passes' costs together (their times added: passes run one after the other)."""
+        return StageStats(self.ms + other.ms, self.prompt_tokens + other.prompt_tokens,
+                          self.cached_tokens + other.cached_tokens, self.completion_tokens + other.completion_tokens)
+
 
 @dataclass
 class BoxTrace:

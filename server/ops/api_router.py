@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from ..errors import error_response
+from ..deps import ready_engine
 
 router = APIRouter()
 
 
-@router.get("/health")
-async def health(request: Request):
-    engine = request.app.state.engine
-    if engine is None:
-        return error_response(503, "the model is still loading", code="not_ready")
-    if engine.dead:
-        return error_response(503, "the engine has stopped", code="engine_dead")
+@router.get("/health", dependencies=[Depends(ready_engine)])  # 503 while loading or once dead
+async def health():
     return {"status": "ok"}
 
 
