@@ -89,8 +89,10 @@ class DualFocusEngine:
         self.adapter = adapter
         self.config = config
         # Passes that re-ran their prompt because the prefix cache already held the
-        # candidate tokens being scored (see score()). Not exported as a metric yet.
+        # candidate tokens being scored (see score()).
         self.scoring_recomputes = 0
+        # Passes run a second time after vLLM failed them with a retryable error.
+        self.retries = 0
 
     @classmethod
     def create(cls, config: EngineConfig) -> "DualFocusEngine":
@@ -168,7 +170,28 @@ class DualFocusEngine:
                        on_text: Callable[[str], None] | None = None) -> PassOutput:
         """Run one sequence to completion. `started` is set when its first token arrives,
         that is, when its prompt is in the KV cache for others to reuse; `on_text` gets
-        the text so far at every step."""
+        the text so far at every step.
+
+        vLLM ends a sequence with finish_reason "error" for a request-level failure it
+        documents as retryable (a KV-load failure, a multimodal cache miss: its engine
+        drops the stale entry so a resend carries the data). Such a pass runs once more;
+        a second failure is raised. Other failures arrive as exceptions and are not retried.
+        """
+        from vllm.exceptions import RetryableRequestError
+
+        out = await self._generate_once(prompt_ids, images, params, request_id, priority, started, on_text)
+        if out.finish_reason == "error":
+            self.retries += 1
+            log.warning("pass %s failed in the engine; retrying once", request_id)
+            out = await self._generate_once(prompt_ids, images, params, request_id + "-retry", priority,
+                                            started, on_text)
+        if out.finish_reason == "error":
+            raise RetryableRequestError("the engine failed this request twice; please retry")
+        return out
+
+    async def _generate_once(self, prompt_ids: list[int], images: list[ModelImage], params, request_id: str,
+                             priority: int, started: asyncio.Event | None,
+                             on_text: Callable[[str], None] | None) -> PassOutput:
         from vllm.sampling_params import RequestOutputKind
 
         prompt = {"prompt_token_ids": prompt_ids}

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import uuid
@@ -14,8 +15,10 @@ from fastapi import FastAPI
 
 from engine import DualFocusEngine
 
+from . import metrics
 from .chat_completions.api_router import router as chat_router
 from .errors import error_response, install_error_handlers
+from .logs import REQUEST_ID, configure_logging
 from .models.api_router import router as models_router
 from .ops.api_router import router as ops_router
 from .settings import ServerSettings
@@ -51,9 +54,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
     return app
 
 
+# A client's X-Request-Id is honoured if it looks like an id (it goes into every log line).
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
 class RequestIdAndBodyLimit:
-    """Gives every request an id (the client's X-Request-Id if sent), echoed in the response,
-    and refuses bodies over the limit by their Content-Length before reading them.
+    """Gives every request an id (the client's X-Request-Id if sent), echoed in the response
+    and set for the request's log lines, and refuses bodies over the limit by their
+    Content-Length before reading them.
 
     Plain ASGI rather than @app.middleware("http"): that wrapper hides the client's
     disconnect from the endpoint, and disconnects must abort the request's passes."""
@@ -65,8 +73,11 @@ class RequestIdAndBodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        if not _CLIENT_REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        REQUEST_ID.set(request_id)  # this request's task only: each request runs in its own
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
@@ -90,6 +101,7 @@ async def _run_engine(app: FastAPI, settings: ServerSettings) -> None:
         log.exception("the engine failed to start")
         os._exit(1)
     app.state.engine = engine
+    metrics.ENGINE_COUNTERS.engine = engine
     log.info("ready: serving %s", settings.model_name)
     await _watch_engine(app)
 
@@ -130,8 +142,9 @@ def serve(settings: ServerSettings) -> None:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+    configure_logging()
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=int(settings.drain_seconds))
     Server(config).run()
     sys.exit(app.state.exit_code)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from vllm.exceptions import GracefulHTTPError, VLLMClientError
+from vllm.exceptions import GenerationError, GracefulHTTPError, RetryableRequestError, VLLMClientError
 from vllm.v1.engine.exceptions import EngineDeadError
+
+log = logging.getLogger("dualfocus.server")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
@@ -19,17 +23,45 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def as_api_error(e: Exception) -> APIError:
+    """What the client is told about a failure, whether it is raised here or in vLLM."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, VLLMClientError):
+        # vLLM refusing what the client sent (prompt longer than the context, bad parameters).
+        return APIError(400, str(e), param=getattr(e, "parameter", None))
+    if isinstance(e, GracefulHTTPError):
+        return APIError(int(e.http_status), str(e))
+    if isinstance(e, RetryableRequestError):  # already retried once (engine.generate)
+        return APIError(503, str(e), code="engine_retryable_error", headers={"Retry-After": "1"})
+    if isinstance(e, GenerationError):
+        return APIError(500, str(e), code="engine_error")
+    if isinstance(e, EngineDeadError):
+        return APIError(503, "the engine has stopped", code="engine_dead")
+    log.error("unexpected error", exc_info=e)
+    return APIError(500, "internal error", code="internal_error")
+
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return api_error_response(APIError(status, message, param, code, headers))
+
+
+def api_error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError):
-        return error_response(e.status, e.message, e.param, e.code, e.headers)
+    async def _mapped(_: Request, e: Exception):
+        return api_error_response(as_api_error(e))
+
+    for kind in (APIError, VLLMClientError, GracefulHTTPError, GenerationError, EngineDeadError, Exception):
+        app.add_exception_handler(kind, _mapped)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError):
@@ -37,19 +69,6 @@ def install_error_handlers(app: FastAPI) -> None:
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         msg = first.get("msg", "invalid request")
         return error_response(400, f"{loc}: {msg}" if loc else msg, param=loc or None)
-
-    @app.exception_handler(VLLMClientError)
-    async def _vllm_client_error(_: Request, e: VLLMClientError):
-        # vLLM refusing what the client sent (prompt longer than the context, bad parameters).
-        return error_response(400, str(e), param=getattr(e, "parameter", None))
-
-    @app.exception_handler(GracefulHTTPError)
-    async def _vllm_graceful(_: Request, e: GracefulHTTPError):
-        return error_response(int(e.http_status), str(e))
-
-    @app.exception_handler(EngineDeadError)
-    async def _engine_dead(_: Request, e: EngineDeadError):
-        return error_response(503, "the engine has stopped", code="engine_dead")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException):

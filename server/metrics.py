@@ -3,7 +3,9 @@ the vllm:* series the in-process engine registers there, so one /metrics serves 
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from engine.trace import STAGES, Result
 
@@ -22,6 +24,25 @@ BOX_OUTCOMES = Counter("dualfocus_box_outcomes", "What became of the box pass's 
 PROMPT_TOKENS = Counter("dualfocus_prompt_tokens", "Prompt tokens by stage", ["stage"])
 CACHED_TOKENS = Counter("dualfocus_cached_prompt_tokens", "Prompt tokens served by the prefix cache", ["stage"])
 IMAGE_ERRORS = Counter("dualfocus_image_errors", "Images refused", ["reason"])
+
+
+
+class EngineCounters(Collector):
+    """Counts the engine keeps itself, read at scrape time."""
+
+    engine = None  # set once the engine has loaded
+
+    def collect(self):
+        e = self.engine
+        yield CounterMetricFamily("dualfocus_pass_retries", "Engine passes run again after a retryable vLLM error",
+                                  value=e.retries if e else 0)
+        yield CounterMetricFamily("dualfocus_scoring_recomputes",
+                                  "Scoring passes re-run without cache reads (the cache held the scored reply)",
+                                  value=e.scoring_recomputes if e else 0)
+
+
+ENGINE_COUNTERS = EngineCounters()
+REGISTRY.register(ENGINE_COUNTERS)
 
 for _stage in STAGES:  # so every series exists from the start
     PROMPT_TOKENS.labels(_stage)

@@ -146,3 +146,42 @@ async def test_request_sampling_applies_to_answers_and_the_box_stays_greedy(engi
     second = await engine.answer(Query(QUESTIONS[4], image, sampling=Sampling(max_tokens=12, temperature=1.0, seed=8)))
     assert first.trace.box.text == second.trace.box.text  # greedy whatever the request's sampling
     assert (first.trace.macro_answer, first.trace.micro_answer) != (second.trace.macro_answer, second.trace.micro_answer)
+
+
+class FailingSequences:
+    """Makes vLLM end the next `count` sequences with finish_reason "error", as its engine core
+    does for a request-level failure (a KV-load failure, a multimodal cache miss); the real
+    engine runs them."""
+
+    def __init__(self, engine, count: int):
+        self.real, self.count = engine.llm.generate, count
+        self.failed_ids: list[str] = []
+
+    async def generate(self, prompt, params, request_id, **kwargs):
+        async for out in self.real(prompt, params, request_id, **kwargs):
+            if out.finished and self.count > 0:
+                self.count -= 1
+                self.failed_ids.append(request_id)
+                out.outputs[0].finish_reason = "error"
+            yield out
+
+
+async def test_a_pass_the_engine_fails_is_retried_once(engine, monkeypatch):
+    faults = FailingSequences(engine, 1)
+    monkeypatch.setattr(engine.llm, "generate", faults.generate)
+    retries = engine.retries
+    result = await engine.answer(Query("Say hello.", None, sampling=Sampling(max_tokens=6)), request_id="req-1")
+    assert result.answer == result.trace.macro_answer and result.trace.stages["macro"].completion_tokens == 6
+    assert faults.failed_ids == ["req-1-macro"] and engine.retries == retries + 1
+    assert engine.num_unfinished_sequences == 0
+
+
+async def test_a_pass_failed_twice_raises_a_retryable_error(engine, monkeypatch):
+    from vllm.exceptions import RetryableRequestError
+
+    faults = FailingSequences(engine, 2)
+    monkeypatch.setattr(engine.llm, "generate", faults.generate)
+    with pytest.raises(RetryableRequestError, match="twice"):
+        await engine.answer(Query("Say hello.", None, sampling=Sampling(max_tokens=6)), request_id="req-2")
+    assert faults.failed_ids == ["req-2-macro", "req-2-macro-retry"]
+    assert engine.num_unfinished_sequences == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -21,10 +22,12 @@ from openai.types.completion_usage import CompletionUsage, PromptTokensDetails
 from engine import DualFocusEngine, Query, Result, Sampling
 
 from .. import metrics
-from ..errors import APIError
+from ..errors import APIError, as_api_error
 from ..images import load_image
 from ..settings import ServerSettings
 from .protocol import ChatCompletionRequest, ImagePart, TextPart
+
+log = logging.getLogger("dualfocus.requests")
 
 
 async def to_query(req: ChatCompletionRequest, settings: ServerSettings, max_model_len: int) -> Query:
@@ -130,7 +133,11 @@ class ChatCompletionsService:
                     yield _sse(ChatCompletionChunk(**base, choices=[ChunkChoice(
                         index=0, delta=ChoiceDelta(content=text[len(sent):]))]))
                     sent = text
-            result = task.result()
+            try:
+                result = task.result()
+            except Exception as e:  # the response has started: the error goes in the stream, as OpenAI's does
+                yield f"data: {json.dumps(as_api_error(e).body())}\n\n"
+                return
             rest = result.answer[len(sent):] if result.answer.startswith(sent) else result.answer
             if rest:
                 if first:
@@ -170,8 +177,10 @@ class ChatCompletionsService:
             raise
         finally:
             waiting.cancel()
+            seconds = time.perf_counter() - t0
             metrics.REQUESTS.labels(mode, status).inc()
-            metrics.REQUEST_SECONDS.labels(mode).observe(time.perf_counter() - t0)
+            metrics.REQUEST_SECONDS.labels(mode).observe(seconds)
+            log.info("%s request %s in %.0f ms", mode, status, seconds * 1000)
 
 
 def _finish(result: Result) -> str:
