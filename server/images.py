@@ -78,9 +78,10 @@ async def _from_web(url: str, settings: ServerSettings) -> bytes:
         raise _refuse("url", 400, "http(s) image URLs are not enabled on this server (--allowed-image-domains)")
     async with httpx.AsyncClient(follow_redirects=False, timeout=_FETCH_TIMEOUT_S) as client:
         for _ in range(_MAX_REDIRECTS + 1):
-            await _check_host(url, settings.allowed_image_domains)
-            async with client.stream("GET", url) as response:
-                if response.is_redirect:
+            request = await _checked_request(client, url, settings.allowed_image_domains)
+            response = await client.send(request, stream=True)
+            try:
+                if response.is_redirect:  # each hop is checked again before it is followed
                     url = urljoin(url, response.headers.get("location", ""))
                     continue
                 if response.status_code != 200:
@@ -91,21 +92,32 @@ async def _from_web(url: str, settings: ServerSettings) -> bytes:
                     if len(data) > settings.max_image_bytes:
                         raise _refuse("too_large", 413, f"image is larger than {settings.max_image_bytes} bytes")
                 return bytes(data)
+            finally:
+                await response.aclose()
     raise _refuse("fetch", 400, f"more than {_MAX_REDIRECTS} redirects")
 
 
-async def _check_host(url: str, allowed: list[str]) -> None:
+async def _checked_request(client: httpx.AsyncClient, url: str, allowed: list[str]) -> httpx.Request:
+    """A GET for `url` if its host is allowed and resolves only to public addresses, sent to
+    the address that was checked: resolving again at connect time would let a DNS answer
+    that changed in between (rebinding) reach an internal address."""
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     if parts.scheme not in ("http", "https") or not any(host == d or host.endswith("." + d) for d in allowed):
         raise _refuse("url", 400, f"image host {host!r} is not on this server's allow-list")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
         raise _refuse("fetch", 400, f"image host {host!r} does not resolve") from None
-    for info in infos:
-        if not ipaddress.ip_address(info[4][0]).is_global:
-            raise _refuse("url", 400, f"image host {host!r} resolves to a non-public address")
+    addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    if not addresses or not all(a.is_global for a in addresses):
+        raise _refuse("url", 400, f"image host {host!r} resolves to a non-public address")
+    return client.build_request(
+        "GET", httpx.URL(url).copy_with(host=str(addresses[0])),
+        headers={"Host": parts.netloc.rsplit("@", 1)[-1]},
+        # TLS still verifies the certificate against the host name, not the address.
+        extensions={"sni_hostname": host} if parts.scheme == "https" else {})
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from PIL import Image, ImageDraw
 
@@ -32,6 +34,13 @@ def data_url(image, fmt="PNG") -> str:
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+# The image hosts of tests/test_reliability.py, in a network namespace: one at a public address
+# (routed to the namespace on this machine only) and one at a private address. Both are on the
+# session server's allow-list, so only the address policy keeps it from the private one.
+PUBLIC_IMAGE_HOST = "93.184.215.14"
+PRIVATE_IMAGE_HOST = "10.213.0.2"
+
+
 class RunningServer:
     """`dualfocus serve` in a subprocess, as users run it."""
 
@@ -57,7 +66,9 @@ class RunningServer:
 
 
 def start_server(folder, *args: str) -> RunningServer:
-    """Start `dualfocus serve` on a free port with tiny-llava; returns once /health is 200."""
+    """Start `dualfocus serve` on a free port with tiny-llava; returns once /health is 200.
+    Its log is folder/server.log; the files it opened for writing, folder/writes.log."""
+    import os
     import socket
     import subprocess
     import sys
@@ -69,8 +80,10 @@ def start_server(folder, *args: str) -> RunningServer:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(folder / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port),
-                                "--kv-cache-gib", "1", *args], stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "DUALFOCUS_TEST_WRITES_LOG": str(folder / "writes.log")}
+    process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("audited_serve.py")), "serve",
+                                "--port", str(port), "--kv-cache-gib", "1", *args],
+                               stdout=log, stderr=subprocess.STDOUT, env=env)
     statuses = []
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -93,7 +106,8 @@ def server(tmp_path_factory):
     running = start_server(
         folder, "--api-key", RunningServer.API_KEY, "--max-inflight-requests", "4", "--max-image-pixels", "1000000",
         "--max-body-bytes", "4000000", "--drain-seconds", "5",
-        "--allowed-image-domains", "localhost,images.example", "--allowed-local-media-path", str(folder))
+        "--allowed-image-domains", f"localhost,images.example,{PUBLIC_IMAGE_HOST},{PRIVATE_IMAGE_HOST}",
+        "--allowed-local-media-path", str(folder))
     yield running
     running.process.terminate()
     running.process.wait(timeout=60)

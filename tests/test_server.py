@@ -165,38 +165,6 @@ def test_wrong_or_missing_key_is_401_but_health_and_metrics_stay_open(server):
     assert httpx.get(server.base_url + "/metrics").status_code == 200
 
 
-def test_unknown_model_is_404(client):
-    with pytest.raises(openai.NotFoundError) as e:
-        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
-    assert e.value.body["code"] == "model_not_found" and "tiny-llava" in e.value.body["message"]
-
-
-@pytest.mark.parametrize("url,code", [
-    ("data:image/png;base64,!!!notbase64!!!", "image_bad_base64"),
-    ("data:image/png;base64,aGVsbG8gd29ybGQ=", "image_not_an_image"),
-    ("http://example.com/cat.png", "image_url"),
-    ("data:image/png;base64,", "image_empty"),
-])
-def test_bad_images_are_400(client, url, code):
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
-            {"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": url}}]}])
-    assert e.value.body["code"] == code
-
-
-@pytest.mark.parametrize("url,message", [
-    ("http://evil.example.org/x.png", "not on this server's allow-list"),
-    ("ftp://images.example/x.png", "scheme 'ftp' is not supported"),
-    ("http://localhost:1/x.png", "non-public address"),  # allowed by name, but loopback
-    ("file:///etc/hostname", "must be under"),
-])
-def test_image_urls_outside_the_policy_are_400(client, url, message):
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
-            {"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": url}}]}])
-    assert message in e.value.body["message"]
-
-
 def test_local_image_under_the_allowed_folder_is_served(server, client):
     image = scene(500, 400, seed=6)
     image.save(server.media_dir / "scene.png")
@@ -205,15 +173,6 @@ def test_local_image_under_the_allowed_folder_is_served(server, client):
         messages=[{"role": "user", "content": [{"type": "text", "text": "What is it?"}, {
             "type": "image_url", "image_url": {"url": f"file://{server.media_dir}/scene.png"}}]}])
     check_trace(r.dualfocus, r.choices[0].message.content, image)
-
-
-def test_truncated_image_is_400(client):
-    prefix, payload = data_url(scene(), "JPEG").split(",", 1)
-    truncated = prefix + "," + payload[: len(payload) // 8 * 4]  # half the JPEG, still valid base64
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
-            {"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": truncated}}]}])
-    assert e.value.body["code"] == "image_truncated"
 
 
 def test_too_many_pixels_is_413_before_decoding(server, client):
@@ -229,37 +188,6 @@ def test_body_over_the_limit_is_413(server):
     r = httpx.post(server.base_url + "/v1/chat/completions", content=b"x" * 4_100_000,
                    headers={"Authorization": f"Bearer {RunningServer.API_KEY}", "Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
-
-
-@pytest.mark.parametrize("body,param", [
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
-    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, "temperature"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
-    ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]}, None),
-    ({"messages": [{"role": "user", "content": "hi"}], "dualfocus": {"mode": "zoom"}}, "dualfocus.mode"),
-])
-def test_schema_violations_are_400_in_openai_shape(server, body, param):
-    r = httpx.post(server.base_url + "/v1/chat/completions", json={"model": MODEL, **body},
-                   headers={"Authorization": f"Bearer {RunningServer.API_KEY}"})
-    assert r.status_code == 400
-    error = r.json()["error"]
-    assert error["type"] == "invalid_request_error" and error["message"]
-    if param:
-        assert error["param"] == param
-
-
-@pytest.mark.parametrize("content,max_tokens", [("lorem ipsum dolor " * 2000, 16), ("Say hi.", 100_000)])
-def test_prompt_or_reply_beyond_the_context_is_400(client, content, max_tokens):
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
-                                       max_tokens=max_tokens)
-    assert "4096" in e.value.body["message"]  # vLLM's own explanation names the context length
-
-
-def test_invalid_json_is_400(server):
-    r = httpx.post(server.base_url + "/v1/chat/completions", content=b"{not json",
-                   headers={"Authorization": f"Bearer {RunningServer.API_KEY}", "Content-Type": "application/json"})
-    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 async def test_over_the_inflight_limit_is_429_with_retry_after(server, aclient):
