@@ -51,7 +51,22 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(chat_router)
     app.include_router(models_router)
     app.include_router(ops_router)
+    app.openapi = lambda: _openapi_without_422(app)
     return app
+
+
+def _openapi_without_422(app: FastAPI) -> dict:
+    """FastAPI's schema, less the 422 it lists for every body: validation errors are answered
+    400 in OpenAI's shape (errors.py)."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 # A client's X-Request-Id is honoured if it looks like an id (it goes into every log line).

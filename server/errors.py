@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from vllm.exceptions import GenerationError, GracefulHTTPError, RetryableRequestError, VLLMClientError
 from vllm.v1.engine.exceptions import EngineDeadError
@@ -15,6 +16,24 @@ log = logging.getLogger("dualfocus.server")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (for the OpenAPI schema)."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI `responses` for a route's error statuses."""
+    return {status: {"model": ErrorResponse} for status in statuses}
 
 
 class APIError(Exception):

@@ -9,14 +9,20 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from ..deps import admit, ready_engine, require_api_key, settings
-from ..errors import APIError
+from openai.types.chat import ChatCompletion
+
+from ..errors import APIError, error_responses
 from .protocol import ChatCompletionRequest
 from .serving import ChatCompletionsService, to_query
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(admit)])
+@router.post(
+    "/v1/chat/completions", dependencies=[Depends(admit)],
+    responses={200: {"model": ChatCompletion, "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                     "description": "the completion, or with stream=true its chunks as server-sent events"},
+               **error_responses(400, 401, 404, 413, 429, 500, 503)})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, engine=Depends(ready_engine),
                                  settings=Depends(settings)):
     arrived = time.perf_counter()
