@@ -59,7 +59,7 @@ class ChatCompletionRequest(_Model):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=1)  # one choice per request
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Extension: the openai SDK sends it with extra_body={"dualfocus": {...}}.

@@ -35,8 +35,6 @@ async def to_query(req: ChatCompletionRequest, settings: ServerSettings, max_mod
     if req.model != settings.model_name:
         raise APIError(404, f"model {req.model!r} does not exist; this server serves {settings.model_name!r}",
                        param="model", code="model_not_found")
-    if req.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
     if len(req.messages) != 1 or req.messages[0].role != "user":
         raise APIError(400, "only single-turn requests are supported: send exactly one user message "
                             "(no system or earlier turns)", param="messages")
