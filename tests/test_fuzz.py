@@ -31,7 +31,7 @@ def test_schemathesis_finds_no_server_error_and_no_response_outside_the_schema(s
          "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                      "response_schema_conformance",
          "--max-examples", "60", "--workers", "1", "--seed", "1", "--no-color"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-4000:]
     summary = run.stdout[run.stdout.index("SUMMARY"):]
     assert "4 selected / 4 total" in run.stdout and " passed" in summary and "failed" not in summary
