@@ -122,12 +122,12 @@ def _metric(text: str, name: str) -> float:
 
 
 def _wait_idle(base_url: str, timeout: float = 60.0) -> bool:
-    """True once no request is in flight here or in vLLM."""
+    """True once no request is in flight here or in vLLM, and the KV cache holds no live block."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         text = httpx.get(base_url + "/metrics", timeout=10).text
         if not any(_metric(text, n) for n in ("dualfocus_inflight_requests", "vllm:num_requests_running",
-                                             "vllm:num_requests_waiting")):
+                                             "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")):
             return True
         time.sleep(0.5)
     return False

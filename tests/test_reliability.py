@@ -272,3 +272,19 @@ def test_images_are_never_written_to_disk(server):
     for path in on_disk:
         content = path.read_bytes()
         assert not any(f in content for f in fingerprints), f"{path} holds image bytes"
+
+
+# --- authentication ----------------------------------------------------------------------------
+
+def test_every_v1_route_needs_the_key_and_only_ops_routes_are_open(server):
+    paths = httpx.get(server.base_url + "/openapi.json").json()["paths"]
+    assert {"/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= set(paths)
+    for path, operations in paths.items():
+        for method in operations:
+            for headers in ({}, {"Authorization": "Bearer " + RunningServer.API_KEY[:-1] + "X"},
+                            {"Authorization": RunningServer.API_KEY}):  # no scheme
+                r = httpx.request(method, server.base_url + path, json={}, headers=headers)
+                if path.startswith("/v1/"):
+                    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+                else:
+                    assert r.status_code == 200, path

@@ -207,7 +207,9 @@ async def test_over_the_inflight_limit_is_429_with_retry_after(server, aclient):
 def _wait_idle(server, timeout=15.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if server.value("dualfocus_inflight_requests") == 0 and server.value("vllm:num_requests_running") == 0:
+        # No request left here or in vLLM, and every KV-cache block it held released.
+        if (server.value("dualfocus_inflight_requests") == 0 and server.value("vllm:num_requests_running") == 0
+                and server.value("vllm:kv_cache_usage_perc") == 0):
             return True
         time.sleep(0.2)
     return False
