@@ -3,13 +3,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= tiny-llava
 
-.PHONY: help install test-tools models serve test test-fast bench clean
+.PHONY: help install test-tools models serve test test-fast bench soak docker clean
 
 help:
 	@echo "make serve   set up, build the default tiny model if missing, and serve it on 127.0.0.1:8000"
 	@echo "make test    set up, then run the whole test suite"
 	@echo "make models  build the embedded tiny checkpoints (prints NAME PATH)"
 	@echo "make bench   this service vs stock vLLM vs the reference's way (docs/benchmarks.md)"
+	@echo "make soak    2 minutes at 4x the sustainable rate: stays up, refuses politely (docs/reliability.md)"
+	@echo "make docker  build the image dualfocus-serve:cpu (VARIANT=gpu: CUDA; needs a Docker engine; docs/deploy.md)"
 
 install:
 	@bash deploy/install.sh
@@ -37,6 +39,16 @@ test-fast: install
 # The side-by-side benchmark (about 10 minutes): results in loadtests/results/, table in docs/benchmarks.md.
 bench: install
 	$(PY) -m loadtests.bench
+
+# Overload for 2 minutes at 4x the sustainable rate (not in `make test`): docs/reliability.md.
+soak: install
+	$(PY) -m loadtests.soak --factor 4 --duration 120
+
+# The service as an image, installed by deploy/install.sh like `make` (docs/deploy.md). Needs a
+# Docker engine with BuildKit, which the machines this project is developed on do not run.
+docker: VARIANT ?= cpu
+docker:
+	docker build --build-arg VARIANT=$(VARIANT) -t dualfocus-serve:$(VARIANT) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,498 @@
+"""The deploy artefacts, checked without a Docker engine or a cluster (none runs on these machines):
+the image's entrypoint and healthcheck, the compose file against the Compose specification,
+Prometheus's config and alert rules (promtool), Grafana's dashboard, the Kubernetes manifests
+against the Kubernetes schemas and each other, and, against a running server, that every metric
+the dashboard, the alerts and the autoscaler use is one /metrics exports."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.cli import build_parser
+
+from .conftest import RunningServer, data_url, scene
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+SCHEMAS = Path(__file__).parent / "schemas"  # vendored, with their sources: schemas/README.md
+# The oldest and the newest Kubernetes release the manifests are checked against.
+K8S_VERSIONS = ("1.29.0", "1.37.0")
+CRD_SCHEMAS = {"ServiceMonitor": "servicemonitor_v1.json", "PrometheusRule": "prometheusrule_v1.json"}
+
+
+def load_yaml(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def load_all(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def promtool(*args: str) -> str:
+    exe = shutil.which("promtool")
+    assert exe, "promtool is installed by `make test` (Debian's prometheus package)"
+    out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def serve_args(flags: str):
+    """`dualfocus serve` parsed with flags as the image's entrypoint passes them (split on spaces)."""
+    return build_parser().parse_args(["serve", *flags.split()])
+
+
+# --- the image ----------------------------------------------------------------------------------
+
+def dockerfile(instruction: str) -> str:
+    """The arguments of the Dockerfile's last INSTRUCTION, continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    found = [line.split(None, 1)[1] for line in text.splitlines() if line.split(None, 1)[:1] == [instruction]]
+    assert found, f"no {instruction} in the Dockerfile"
+    return found[-1]
+
+
+def image_env() -> dict[str, str]:
+    """The image's DUALFOCUS_* defaults (its ENV)."""
+    pairs = (word.split("=", 1) for word in shlex.split(dockerfile("ENV")))
+    return {k: v for k, v in pairs if k.startswith("DUALFOCUS_")}
+
+
+def run_entrypoint(tmp_path: Path, env: dict[str, str], *args: str) -> list[str]:
+    """The image's ENTRYPOINT with a stand-in `dualfocus` that prints its arguments, one a line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "dualfocus"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    fake.chmod(0o755)
+    entrypoint = json.loads(dockerfile("ENTRYPOINT"))
+    out = subprocess.run([*entrypoint, *args], env={"PATH": f"{bin_dir}:/usr/bin:/bin", **image_env(), **env},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_entrypoint_serves_the_model_and_flags_from_the_environment(tmp_path):
+    assert run_entrypoint(tmp_path, {}) == ["serve", "--host", "0.0.0.0", "--port", "8000", "--model", "tiny-llava"]
+
+    (tmp_path / "a.example").touch()  # a glob in the flags must reach the server as written
+    env = {"DUALFOCUS_MODEL": "/models/llava", "DUALFOCUS_PORT": "9000",
+           "DUALFOCUS_SERVE_FLAGS": "--max-model-len 8192  --allowed-image-domains *.example"}
+    argv = run_entrypoint(tmp_path, env, "--api-key", "k")
+    assert argv == ["serve", "--host", "0.0.0.0", "--port", "9000", "--model", "/models/llava",
+                    "--max-model-len", "8192", "--allowed-image-domains", "*.example", "--api-key", "k"]
+    args = build_parser().parse_args(argv)
+    assert (args.port, args.model, args.max_model_len, args.api_key) == (9000, "/models/llava", 8192, "k")
+
+
+@pytest.mark.parametrize("status", [200, 503])
+def test_healthcheck_passes_only_when_health_is_200(status):
+    seen = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            self.send_response(status if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        command = dockerfile("HEALTHCHECK").split(" CMD ", 1)[1]
+        # `python` is the image's venv Python; here, the test's.
+        env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "DUALFOCUS_PORT": str(httpd.server_port)}
+        out = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, timeout=30)
+    finally:
+        httpd.shutdown()
+    assert seen == ["/health"]
+    assert (out.returncode == 0) == (status == 200), out.stderr
+
+
+def test_image_builds_like_make_as_a_non_root_user():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG VARIANT=cpu$", text, re.M), "CPU is the default variant"
+    assert "DUALFOCUS_VARIANT=${VARIANT}" in text, "install.sh picks the variant from DUALFOCUS_VARIANT"
+    assert "bash deploy/install.sh" in dockerfile("RUN"), "the same install, from the same pinned files, as make"
+    assert dockerfile("USER") == "dualfocus"
+    assert int(re.search(r"useradd .*--uid (\d+)", text).group(1)) != 0
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git"} <= set(ignored), "a 5 GB venv must not go into the build context"
+
+
+# --- every DUALFOCUS_SERVE_FLAGS the deploy files set is real, and termination outlasts the drain ---
+
+def configmap_flags(overlay: str) -> str:
+    path = K8S / "base/configmap.yaml" if overlay == "base" else K8S / "gpu/configmap-patch.yaml"
+    return load_yaml(path)["data"]["DUALFOCUS_SERVE_FLAGS"]
+
+
+def compose() -> dict:
+    return load_yaml(DEPLOY / "compose.yaml")
+
+
+def compose_env(service: dict) -> dict[str, str]:
+    """The service's environment with ${VAR:-default} read as its default (nothing set)."""
+    pairs = (item.split("=", 1) for item in service["environment"] if "=" in item)
+    return {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", v) for k, v in pairs}
+
+
+@pytest.mark.parametrize("flags", [configmap_flags("base"), configmap_flags("gpu"),
+                                   compose_env(compose()["services"]["dualfocus"])["DUALFOCUS_SERVE_FLAGS"]])
+def test_configured_serve_flags_are_serve_flags(flags):
+    serve_args(flags)  # argparse exits (a test failure) on an unknown flag or a bad value
+
+
+def test_serve_flags_in_the_deploy_docs_are_serve_flags():
+    docs = (ROOT / "docs/deploy.md").read_text()
+    examples = [flags for flags in re.findall(r'DUALFOCUS_SERVE_FLAGS[=:] ?"([^"]*)"', docs) if flags != "..."]
+    assert len(examples) >= 3
+    for flags in examples:
+        serve_args(flags)
+
+
+def seconds(duration: str) -> float:
+    m = re.fullmatch(r"(\d+)s", duration)
+    assert m, f"write durations in seconds here: {duration!r}"
+    return float(m.group(1))
+
+
+def test_stop_grace_outlasts_the_drain():
+    # On SIGTERM the server lets in-flight requests finish for --drain-seconds, then stops vLLM
+    # (a few seconds): the orchestrator must wait for both before it kills.
+    dep = load_yaml(K8S / "base/deployment.yaml")
+    pod = dep["spec"]["template"]["spec"]
+    pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    for overlay in ("base", "gpu"):
+        drain = serve_args(configmap_flags(overlay)).drain_seconds
+        assert pod["terminationGracePeriodSeconds"] >= float(pre_stop[1]) + drain + 15, overlay
+
+    service = compose()["services"]["dualfocus"]
+    drain = serve_args(compose_env(service)["DUALFOCUS_SERVE_FLAGS"]).drain_seconds
+    assert seconds(service["stop_grace_period"]) >= drain + 10
+
+
+# --- compose --------------------------------------------------------------------------------------
+
+def test_compose_file_follows_the_compose_specification():
+    schema = json.loads((SCHEMAS / "compose-spec.json").read_text())
+    errors = [f"{e.json_path}: {e.message}" for e in jsonschema.Draft202012Validator(schema).iter_errors(compose())]
+    assert not errors
+
+
+def test_compose_mounts_and_builds_what_the_repo_has():
+    services = compose()["services"]
+    assert {"dualfocus", "dualfocus-gpu", "prometheus", "grafana"} <= set(services)
+    for name, variant in (("dualfocus", "cpu"), ("dualfocus-gpu", "gpu")):
+        build = services[name]["build"]
+        assert (DEPLOY / build["context"] / "Dockerfile").is_file()
+        assert build["args"]["VARIANT"] == variant and services[name]["image"].endswith(":" + variant)
+    gpu = services["dualfocus-gpu"]
+    assert gpu["profiles"] == ["gpu"] and "dualfocus" in gpu["networks"]["default"]["aliases"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    mounts = {}
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), volume
+                mounts[target] = DEPLOY / source
+    assert (mounts["/etc/prometheus"] / "prometheus.yml").is_file()
+    assert (mounts["/etc/grafana/provisioning"] / "datasources").is_dir()
+    provider = load_yaml(DEPLOY / "grafana/provisioning/dashboards/dualfocus.yaml")["providers"][0]
+    assert mounts[provider["options"]["path"]] == DEPLOY / "grafana/dashboards"
+
+
+# --- Prometheus -----------------------------------------------------------------------------------
+
+ALERTS = {"DualFocusDown", "DualFocusErrorRatioHigh", "DualFocusQueueSaturated", "DualFocusLatencyP99High",
+          "DualFocusPrefixCacheHitRatioLow"}
+
+
+def alert_rules() -> list[dict]:
+    return [rule for group in load_yaml(DEPLOY / "prometheus/alerts.yaml")["groups"] for rule in group["rules"]]
+
+
+def test_prometheus_config_is_valid():
+    out = promtool("check", "config", str(DEPLOY / "prometheus/prometheus.yml"))
+    assert "SUCCESS" in out and "alerts.yaml" in out  # promtool also checked the rule file it loads
+
+
+def test_alert_rules_are_valid_and_cover_the_issue():
+    assert "SUCCESS: 5 rules found" in promtool("check", "rules", str(DEPLOY / "prometheus/alerts.yaml"))
+    assert {rule["alert"] for rule in alert_rules()} == ALERTS
+    for rule in alert_rules():
+        assert rule["labels"]["severity"] in {"critical", "warning"} and rule["annotations"]["summary"], rule["alert"]
+
+
+def test_alert_unit_tests_pass():
+    assert "SUCCESS" in promtool("test", "rules", str(DEPLOY / "prometheus/alerts_test.yaml"))
+
+
+# --- Grafana --------------------------------------------------------------------------------------
+
+def dashboard() -> dict:
+    return json.loads((DEPLOY / "grafana/dashboards/dualfocus.json").read_text())
+
+
+def dashboard_targets() -> list[tuple[dict, dict]]:
+    return [(panel, target) for panel in dashboard()["panels"] for target in panel.get("targets", [])]
+
+
+def test_dashboard_loads_and_every_query_parses(tmp_path):
+    board = dashboard()
+    assert board["uid"] and board["title"]
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids)) >= 10
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    provisioned = load_yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yaml")["datasources"]
+    assert [d["type"] for d in provisioned if d.get("isDefault")] == ["prometheus"]
+    for panel, target in dashboard_targets():
+        assert panel["datasource"]["uid"] == target["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert target["expr"].strip(), panel["title"]
+    # promtool parses PromQL only inside rule files: every query becomes a recording rule, with
+    # Grafana's $__rate_interval as a plain range.
+    rules = [{"record": f"dashboard:panel_{panel['id']}_{target['refId']}",
+              "expr": target["expr"].replace("$__rate_interval", "5m")} for panel, target in dashboard_targets()]
+    path = tmp_path / "dashboard_rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    assert f"SUCCESS: {len(rules)} rules found" in promtool("check", "rules", str(path))
+
+
+def test_dashboard_shows_what_the_issue_asks_for():
+    used = set().union(*(promql_metric_names(target["expr"]) for _, target in dashboard_targets()))
+    assert {
+        "dualfocus_requests_total",  # requests/s by mode and status, error ratio
+        "dualfocus_request_seconds_bucket", "dualfocus_stage_seconds_bucket",  # latency overall, per stage
+        "dualfocus_time_to_first_token_seconds_bucket",
+        "dualfocus_queue_depth", "dualfocus_inflight_requests",
+        "dualfocus_fusion_decisions_total", "dualfocus_box_outcomes_total",
+        "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",  # prefix-cache hit ratio
+        "vllm:kv_cache_usage_perc",
+    } <= used
+
+
+# --- Kubernetes -----------------------------------------------------------------------------------
+
+def base_documents() -> list[dict]:
+    return [doc for path in sorted((K8S / "base").glob("*.yaml")) if path.name != "kustomization.yaml"
+            for doc in load_all(path)]
+
+
+def kind(docs: list[dict], name: str) -> dict:
+    [doc] = [d for d in docs if d["kind"] == name]
+    return doc
+
+
+def validate_k8s(doc: dict, version: str) -> None:
+    """Built-in kinds strictly against the Kubernetes schemas (unknown fields are errors);
+    the Prometheus Operator's kinds against their CRD schemas (vendored in tests/schemas)."""
+    if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+        schema = json.loads((SCHEMAS / CRD_SCHEMAS[doc["kind"]]).read_text())
+        jsonschema.Draft7Validator(schema).validate(doc)
+    else:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_kustomization_lists_every_manifest():
+    listed = load_yaml(K8S / "base/kustomization.yaml")["resources"]
+    assert sorted(listed) == sorted(p.name for p in (K8S / "base").glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_manifests_validate(version):
+    docs = base_documents()
+    assert {d["kind"] for d in docs} == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler",
+                                         "PodDisruptionBudget", "ServiceMonitor", "PrometheusRule"}
+    for doc in docs:
+        validate_k8s(doc, version)
+
+
+def test_k8s_validation_catches_a_misspelt_field():
+    dep = kind(base_documents(), "Deployment")
+    dep["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError, match="readinesProbe"):
+        validate_k8s(dep, K8S_VERSIONS[-1])
+    monitor = kind(base_documents(), "ServiceMonitor")
+    monitor["spec"]["endpoints"][0]["intervall"] = "15s"
+    with pytest.raises(jsonschema.ValidationError, match="intervall"):
+        validate_k8s(monitor, K8S_VERSIONS[-1])
+
+
+def kustomize(overlay: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (its built-in kustomize) is not installed")
+    out = subprocess.run([kubectl, "kustomize", str(K8S / overlay)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+@pytest.mark.parametrize("overlay", ["base", "gpu"])
+def test_kustomize_builds_valid_manifests(overlay):
+    docs = kustomize(overlay)
+    assert len(docs) == len(base_documents())
+    for doc in docs:
+        for version in K8S_VERSIONS:
+            validate_k8s(doc, version)
+    container = kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    flags = kind(docs, "ConfigMap")["data"]["DUALFOCUS_SERVE_FLAGS"]
+    if overlay == "gpu":
+        assert container["image"].endswith(":gpu")
+        resources = container["resources"]
+        assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"]
+        assert serve_args(flags).kv_cache_gib is None, "on GPU the KV cache is vLLM's share of GPU memory"
+    else:
+        assert container["image"].endswith(":cpu") and "nvidia.com/gpu" not in container["resources"]["limits"]
+
+
+def test_k8s_objects_are_wired_together():
+    docs = base_documents()
+    dep, svc, cm = kind(docs, "Deployment"), kind(docs, "Service"), kind(docs, "ConfigMap")
+    hpa, pdb = kind(docs, "HorizontalPodAutoscaler"), kind(docs, "PodDisruptionBudget")
+    monitor = kind(docs, "ServiceMonitor")
+    pod = dep["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    for selector in (dep["spec"]["selector"]["matchLabels"], svc["spec"]["selector"],
+                     pdb["spec"]["selector"]["matchLabels"]):
+        assert selector.items() <= labels.items()
+    assert "replicas" not in dep["spec"], "the HPA owns the replica count"
+
+    [container] = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": int(image_env()["DUALFOCUS_PORT"])}
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "model loading may take minutes"
+    assert container["envFrom"] == [{"configMapRef": {"name": cm["metadata"]["name"]}}]
+    uid = int(re.search(r"--uid (\d+)", (ROOT / "Dockerfile").read_text()).group(1))
+    assert pod["spec"]["securityContext"]["runAsUser"] == uid and pod["spec"]["securityContext"]["runAsNonRoot"]
+
+    # Prometheus: the ServiceMonitor finds the Service, and its targets get job=<Service name>,
+    # the job the alerts watch.
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == [p["name"] for p in svc["spec"]["ports"]]
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert all('job="dualfocus"' in rule["expr"] for rule in alert_rules() if "up{" in rule["expr"])
+    assert svc["metadata"]["name"] == "dualfocus"
+    assert kind(docs, "PrometheusRule")["spec"]["groups"] == load_yaml(DEPLOY / "prometheus/alerts.yaml")["groups"], \
+        "deploy/k8s/base/prometheusrule.yaml must carry the groups of deploy/prometheus/alerts.yaml"
+
+    # The HPA scales the Deployment on the metric the Prometheus adapter serves.
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": dep["metadata"]["name"]}
+    assert hpa["spec"]["scaleTargetRef"] == target
+    [metric] = hpa["spec"]["metrics"]
+    [rule] = load_yaml(K8S / "prometheus-adapter-values.yaml")["rules"]["custom"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == rule["name"]["as"] == "dualfocus_queue_depth"
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+# --- metric names: what the dashboard, the alerts and the adapter ask for is what the server exports ---
+
+# PromQL words that are neither metrics nor followed by "(" (functions and aggregations are).
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+                "offset", "inf", "nan"}
+# Series Prometheus itself writes for every target, not the server.
+PROMETHEUS_MADE = {"up"}
+# Labels Prometheus (or the Prometheus Operator) attaches to every scraped series.
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container"}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals (label values)
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)  # label lists
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges and subqueries
+    names = set()
+    # An identifier not inside a number, a duration or a $variable...
+    for m in re.finditer(r"(?<![\w:.$])[a-zA-Z_:][\w:]*", expr):
+        # ... that is not a function or aggregation being called, nor a keyword.
+        if not expr[m.end():].lstrip().startswith("(") and m.group() not in PROMQL_WORDS:
+            names.add(m.group())
+    return names
+
+
+def promql_label_names(expr: str) -> set[tuple[str, str]]:
+    """(metric, label) for every label matcher written on a metric name."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    return {(metric, label) for metric, matchers in re.findall(r"([a-zA-Z_:][\w:]*)\{([^}]*)\}", expr)
+            for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers)}
+
+
+def used_promql() -> list[tuple[str, str]]:
+    """(where, expression) for every PromQL expression the deploy files run."""
+    used = [(f"dashboard panel {panel['title']!r}", target["expr"]) for panel, target in dashboard_targets()]
+    used += [(f"alert {rule['alert']}", rule["expr"]) for rule in alert_rules()]
+    for rule in load_yaml(K8S / "prometheus-adapter-values.yaml")["rules"]["custom"]:
+        used.append(("adapter seriesQuery", rule["seriesQuery"]))
+        series = promql_metric_names(rule["seriesQuery"]).pop()
+        query = (rule["metricsQuery"].replace("<<.Series>>", series).replace("<<.LabelMatchers>>", 'pod="p"')
+                 .replace("<<.GroupBy>>", "pod"))
+        used.append(("adapter metricsQuery", query))
+    return used
+
+
+def test_promql_metric_names_finds_metrics_not_functions_labels_or_keywords():
+    expr = ('histogram_quantile(0.99, sum by (le, stage) (rate(dualfocus_stage_seconds_bucket{stage!="a:b"}'
+            '[$__rate_interval]))) / ignoring(x) vllm:kv_cache_usage_perc offset 5m > bool 1e3 '
+            'and on(job) max_over_time(up{job="dualfocus"}[10m:1m])')
+    assert promql_metric_names(expr) == {"dualfocus_stage_seconds_bucket", "vllm:kv_cache_usage_perc", "up"}
+    assert promql_label_names(expr) == {("dualfocus_stage_seconds_bucket", "stage"), ("up", "job")}
+    names = {name for _, e in used_promql() for name in promql_metric_names(e)}
+    assert len(names) >= 15 and all(re.fullmatch(r"(dualfocus_|vllm:)\w+|up", n) for n in names), names
+
+
+# Sample names each metric type puts in the exposition (the parser names counter families without _total).
+SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+                   "summary": ("", "_sum", "_count")}
+
+
+@pytest.mark.engine
+def test_every_metric_the_deploy_files_use_is_exported(server):
+    # Labelled series appear once something has been counted under them: one DualFocus request
+    # (box, macro, micro and fusion stages, a fusion decision, a box outcome, vLLM's passes).
+    response = httpx.post(
+        server.base_url + "/v1/chat/completions", timeout=120,
+        headers={"Authorization": f"Bearer {RunningServer.API_KEY}"},
+        json={"model": "tiny-llava", "max_tokens": 8, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What colour is the square?"},
+            {"type": "image_url", "image_url": {"url": data_url(scene(seed=3))}}]}]})
+    assert response.status_code == 200, response.text
+
+    exported, labels = set(), {}
+    for family in text_string_to_metric_families(httpx.get(server.base_url + "/metrics", timeout=10).text):
+        exported.update(family.name + s for s in SAMPLE_SUFFIXES.get(family.type, ("",)))
+        for sample in family.samples:
+            exported.add(sample.name)
+            labels.setdefault(sample.name, set()).update(sample.labels)
+
+    missing, unknown_labels = [], []
+    for where, expr in used_promql():
+        missing += [f"{name} ({where})" for name in promql_metric_names(expr) - PROMETHEUS_MADE - exported]
+        unknown_labels += [f"{metric}{{{label}}} ({where})" for metric, label in promql_label_names(expr)
+                           if metric not in PROMETHEUS_MADE and label not in TARGET_LABELS
+                           and label not in labels.get(metric, set())]
+    assert not missing and not unknown_labels, {"not exported": missing, "labels not on the metric": unknown_labels}
