@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import math
 import time
 import uuid
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -28,6 +30,12 @@ log = logging.getLogger(__name__)
 # started (macro, micro, scoring) go ahead of the first pass of a new request.
 PRIORITY_STARTED = 0
 PRIORITY_NEW = 1
+
+# With vLLM data parallelism, the engine replica every pass of the current request goes to:
+# the follow-up passes reuse the first pass's KV cache only on the same replica, and vLLM's
+# load balancer would place each pass on its own. Set per request in answer(); the tasks a
+# request starts inherit it.
+_DATA_PARALLEL_RANK: ContextVar[int | None] = ContextVar("data_parallel_rank", default=None)
 
 
 @dataclass
@@ -93,6 +101,7 @@ class DualFocusEngine:
         self.scoring_recomputes = 0
         # Passes run a second time after vLLM failed them with a retryable error.
         self.retries = 0
+        self._next_rank = itertools.cycle(range(config.data_parallel_size))
 
     @classmethod
     def create(cls, config: EngineConfig) -> "DualFocusEngine":
@@ -146,6 +155,8 @@ class DualFocusEngine:
 
         request_id = request_id or uuid.uuid4().hex
         started = started or asyncio.Event()
+        if self.config.data_parallel_size > 1:
+            _DATA_PARALLEL_RANK.set(next(self._next_rank))  # this task's context only
         if query.image is not None and query.mode == "dualfocus":
             return await run_dualfocus(self, query, request_id, started)
         return await run_single_pass(self, query, request_id, started, on_text)
@@ -202,7 +213,8 @@ class DualFocusEngine:
         params.output_kind = RequestOutputKind.CUMULATIVE if streamed else RequestOutputKind.FINAL_ONLY
         t0 = time.perf_counter()
         final = None
-        async for out in self.llm.generate(prompt, params, request_id, priority=priority):
+        async for out in self.llm.generate(prompt, params, request_id, priority=priority,
+                                           data_parallel_rank=_DATA_PARALLEL_RANK.get()):
             final = out
             if started is not None:
                 started.set()

@@ -45,6 +45,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.engine = None
     app.state.inflight = 0
     app.state.exit_code = 0
+    metrics.MAX_INFLIGHT.set(settings.max_inflight_requests)
     install_error_handlers(app)
 
     app.add_middleware(RequestIdAndBodyLimit, max_body_bytes=settings.max_body_bytes)

@@ -25,22 +25,32 @@ def require_api_key(request: Request, settings: ServerSettings = Depends(setting
     scheme, _, key = header.partition(" ")
     # Constant-time comparison, so response timing does not leak the key.
     if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), settings.api_key.encode()):
+        metrics.REJECTED.labels("unauthorized").inc()
         raise APIError(401, "missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key")
 
 
-def ready_engine(request: Request) -> DualFocusEngine:
-    state = request.app.state
+def engine_unavailable(state) -> APIError | None:
+    """Why no request can run now (503), or None when the engine is ready."""
     if state.engine is None:
-        raise APIError(503, "the model is still loading", code="not_ready", headers={"Retry-After": "5"})
+        return APIError(503, "the model is still loading", code="not_ready", headers={"Retry-After": "5"})
     if state.engine.dead:
-        raise APIError(503, "the engine has stopped", code="engine_dead")
-    return state.engine
+        return APIError(503, "the engine has stopped", code="engine_dead")
+    return None
+
+
+def ready_engine(request: Request) -> DualFocusEngine:
+    error = engine_unavailable(request.app.state)
+    if error is not None:
+        metrics.REJECTED.labels(error.code).inc()
+        raise error
+    return request.app.state.engine
 
 
 async def admit(request: Request, settings: ServerSettings = Depends(settings)) -> AsyncIterator[None]:
     """At most max_inflight_requests at once; beyond that a polite 429."""
     state = request.app.state
     if state.inflight >= settings.max_inflight_requests:
+        metrics.REJECTED.labels("queue_full").inc()
         raise APIError(429, f"the server is at its limit of {settings.max_inflight_requests} requests in flight",
                        code="queue_full", headers={"Retry-After": "1"})
     state.inflight += 1

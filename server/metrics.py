@@ -18,6 +18,9 @@ STAGE_SECONDS = Histogram("dualfocus_stage_seconds", "Wall time of a DualFocus s
 TTFT = Histogram("dualfocus_time_to_first_token_seconds",
                  "Streamed requests: time from arrival to the first content chunk", buckets=_LATENCY_BUCKETS)
 INFLIGHT = Gauge("dualfocus_inflight_requests", "Requests admitted and not finished")
+MAX_INFLIGHT = Gauge("dualfocus_max_inflight_requests", "The in-flight limit beyond which requests get 429")
+REJECTED = Counter("dualfocus_rejected_requests", "Requests refused before they ran, by reason",
+                   ["reason"])  # queue_full (429), not_ready / engine_dead (503), unauthorized (401)
 QUEUE_DEPTH = Gauge("dualfocus_queue_depth", "Admitted requests the engine has not started yet")
 FUSION = Counter("dualfocus_fusion_decisions", "Which answer DualFocus returned", ["chosen"])
 BOX_OUTCOMES = Counter("dualfocus_box_outcomes", "What became of the box pass's box", ["outcome"])
@@ -44,7 +47,9 @@ class EngineCounters(Collector):
 ENGINE_COUNTERS = EngineCounters()
 REGISTRY.register(ENGINE_COUNTERS)
 
-for _stage in STAGES:  # so every series exists from the start
+for _reason in ("queue_full", "not_ready", "engine_dead", "unauthorized"):  # every series exists from the start
+    REJECTED.labels(_reason)
+for _stage in STAGES:
     PROMPT_TOKENS.labels(_stage)
     CACHED_TOKENS.labels(_stage)
 

@@ -185,3 +185,27 @@ async def test_a_pass_failed_twice_raises_a_retryable_error(engine, monkeypatch)
         await engine.answer(Query("Say hello.", None, sampling=Sampling(max_tokens=6)), request_id="req-2")
     assert faults.failed_ids == ["req-2-macro", "req-2-macro-retry"]
     assert engine.num_unfinished_sequences == 0
+
+
+async def test_with_data_parallelism_all_passes_of_a_request_go_to_one_replica(engine, monkeypatch):
+    # The engine here has one replica; pretend it has two and record where each pass would go.
+    import itertools
+
+    real, ranks = engine.llm.generate, {}
+
+    async def recording_generate(prompt, params, request_id, data_parallel_rank=None, **kwargs):
+        ranks[request_id] = data_parallel_rank
+        async for out in real(prompt, params, request_id, **kwargs):
+            yield out
+
+    monkeypatch.setattr(engine.llm, "generate", recording_generate)
+    monkeypatch.setattr(engine.config, "data_parallel_size", 2)
+    monkeypatch.setattr(engine, "_next_rank", itertools.cycle(range(2)))
+    await asyncio.gather(*[engine.answer(Query(QUESTIONS[i], scene(seed=40 + i), sampling=Sampling(max_tokens=8)),
+                                         request_id=f"dp{i}") for i in range(4)])
+    by_request = {}
+    for pass_id, rank in ranks.items():
+        by_request.setdefault(pass_id.split("-")[0], set()).add(rank)
+    assert len(ranks) >= 4 * 3  # box, macro and micro at least, per request
+    assert all(len(r) == 1 for r in by_request.values()), by_request  # one replica per request
+    assert sorted(r.pop() for r in by_request.values()) == [0, 0, 1, 1]  # spread over both

@@ -155,12 +155,14 @@ def test_promtool_finds_nothing_wrong_with_our_metrics(server):
 # --- errors --------------------------------------------------------------------------------------
 
 def test_wrong_or_missing_key_is_401_but_health_and_metrics_stay_open(server):
+    before = server.value("dualfocus_rejected_requests_total", reason="unauthorized")
     bad = openai.OpenAI(base_url=server.base_url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as e:
         bad.models.list()
     assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
     r = httpx.post(server.base_url + "/v1/chat/completions", json={"model": MODEL, "messages": []})
     assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert server.value("dualfocus_rejected_requests_total", reason="unauthorized") == before + 2
     assert httpx.get(server.base_url + "/health").status_code == 200
     assert httpx.get(server.base_url + "/metrics").status_code == 200
 
@@ -200,8 +202,11 @@ async def test_over_the_inflight_limit_is_429_with_retry_after(server, aclient):
             assert e.response.headers["retry-after"] == "1" and e.body["code"] == "queue_full"
             return 429
 
+    before = server.value("dualfocus_rejected_requests_total", reason="queue_full")
     statuses = await asyncio.gather(*[one(i) for i in range(10)])
     assert statuses.count(429) > 0 and statuses.count(200) >= 4  # the limit is 4 in flight
+    assert server.value("dualfocus_rejected_requests_total", reason="queue_full") == before + statuses.count(429)
+    assert server.value("dualfocus_max_inflight_requests") == 4
 
 
 def _wait_idle(server, timeout=15.0):

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from ..deps import ready_engine
+from ..deps import engine_unavailable
 from ..errors import error_responses
 
 router = APIRouter()
 
 
-@router.get("/health", dependencies=[Depends(ready_engine)],  # 503 while loading or once dead
-            responses=error_responses(503))
-async def health():
+@router.get("/health", responses=error_responses(503))
+async def health(request: Request):
+    """200 when requests can run; 503 while the model loads or once the engine is dead."""
+    error = engine_unavailable(request.app.state)
+    if error is not None:
+        raise error
     return {"status": "ok"}
 
 
