@@ -147,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     from clients.python import cli as ask_cli
 
     ask_cli.add_parser(sub)
+
+    from clients.eval import cli as eval_cli
+
+    eval_cli.add_parser(sub)
+
+    from . import convert_llava
+
+    convert_llava.add_parser(sub)
     return parser
 
 
