@@ -32,7 +32,9 @@ async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str, 
     def answer_params():  # a fresh copy per pass: vLLM takes ownership of the params it is given
         return engine.answer_params(query.sampling)
 
-    box_prompt = adapter.box_prompt(query.question)
+    question = parse_question(query.question)  # stem and, for multiple choice, options
+    # The box prompt asks about the question itself; its answer options are not a region.
+    box_prompt = adapter.box_prompt(question.stem)
     micro: PassOutput | None = None
     crop_trace = None
     async with _tasks() as tasks:
@@ -68,7 +70,6 @@ async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str, 
     trace.stages["micro"] = micro.stats()
 
     # 5. Fuse.
-    question = parse_question(query.question)
     decision = decide(question, macro.text, micro.text)
     trace.chosen, trace.why = decision.chosen or "macro", decision.why
     if decision.candidates is not None:
