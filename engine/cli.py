@@ -23,8 +23,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib,
                    help="KV cache size in GiB (default: 4 on CPU; on GPU, vLLM's memory fraction)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None, help="GPU memory fraction (GPU only)")
-    g.add_argument("--tensor-parallel-size", type=int, default=1, help="default: %(default)s")
-    g.add_argument("--data-parallel-size", type=int, default=1, help="default: %(default)s")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per layer (default: %(default)s)")
+    g.add_argument("--pipeline-parallel-size", type=int, default=1,
+                   help="stages of layers, e.g. one per node (default: %(default)s)")
+    g.add_argument("--data-parallel-size", type=int, default=1,
+                   help="engine replicas in this server; a request's passes stay on one (default: %(default)s)")
+    g.add_argument("--distributed-executor-backend", choices=["mp", "ray", "uni"], default=None,
+                   help="how vLLM runs its workers; ray for several nodes (default: vLLM's choice)")
+    g.add_argument("--mm-processor-cache-gib", type=float, default=d.mm_processor_cache_gib,
+                   help="processed-image cache, held twice (this process and the engine core) "
+                        "(default: %(default)s)")
     g.add_argument("--no-prefix-caching", action="store_true",
                    help="turn vLLM's prefix cache off (DualFocus's follow-ups then recompute the image)")
     g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
@@ -37,7 +45,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, family=args.family, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
         gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
-        data_parallel_size=args.data_parallel_size, enable_prefix_caching=not args.no_prefix_caching,
+        pipeline_parallel_size=args.pipeline_parallel_size, data_parallel_size=args.data_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
+        mm_processor_cache_gib=args.mm_processor_cache_gib, enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
     )
 

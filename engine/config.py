@@ -21,7 +21,13 @@ class EngineConfig:
     kv_cache_gib: float | None = None  # KV cache size; None: 4 GiB on CPU, vLLM's memory fraction on GPU
     gpu_memory_utilization: float | None = None
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # vLLM's choice; "ray" for several nodes
+    # vLLM keeps processed images (pixel tensors) for reuse, once in this process and once in
+    # the engine core: RSS grows by up to twice this. A request's passes reuse its images within
+    # seconds, so a small cache does; vLLM's default of 4 GiB mostly holds images seen once.
+    mm_processor_cache_gib: float = 0.5
     enable_prefix_caching: bool = True
     enforce_eager: bool | None = None  # None: on for CPU (no graphs to capture there)
     max_num_seqs: int | None = None
@@ -46,7 +52,10 @@ class EngineConfig:
             model=self.resolve_model(),
             max_model_len=self.max_model_len,
             tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
             data_parallel_size=self.data_parallel_size,
+            distributed_executor_backend=self.distributed_executor_backend,
+            mm_processor_cache_gb=self.mm_processor_cache_gib,
             enable_prefix_caching=self.enable_prefix_caching,
             enforce_eager=enforce_eager,
             dtype=self.dtype,

@@ -3,8 +3,10 @@ that it stays up, refuses the excess politely, and keeps its memory and its late
 
     python -m loadtests.soak                       # start a server, 4x for 120 s, write the results
     python -m loadtests.soak --factor 4 --duration 120 --max-inflight-requests 16
+    python -m loadtests.soak -- --mm-processor-cache-gib 0.25    # after --: flags for dualfocus serve
 
 1. Sustainable rate: closed loop at the server's in-flight limit, requests/s of completed ones.
+   Every request in the run brings an image the server has not seen (no prefix-cache reuse).
 2. Overload: Poisson arrivals at FACTOR x that rate for DURATION s, resident memory (RSS) of the
    server and its engine processes sampled every second.
 3. Verdict: every request either completed or was refused with 429 + Retry-After; RSS in the last
@@ -69,9 +71,13 @@ async def overload(base_url: str, api_key: str, pid: int, *, factor: float, dura
             missing_retry_after += "retry-after" not in e.response.headers
             raise
 
-    items = scenes.synthetic(400, seed=17)
-    await run_load(send, items[:4], concurrency=2, requests=4, progress=False)  # warm up
-    rate = await sustainable_rate(send, items[4:4 + 4 * max_inflight], max_inflight)
+    # Every request brings an image the server has not seen: a repeated image would be served
+    # from the prefix cache and make the load lighter than real traffic.
+    items = scenes.synthetic(5 * max_inflight, seed=17)
+    await run_load(send, items[:max_inflight], concurrency=max_inflight, requests=max_inflight,
+                   progress=False)  # warm up
+    rate = await sustainable_rate(send, items[max_inflight:], max_inflight)
+    items = scenes.synthetic(int(factor * rate * duration * 1.2) + 1, seed=18)
 
     rss: list[tuple[float, float]] = []
 
@@ -142,6 +148,7 @@ def main(argv=None) -> int:
                    help="the server's in-flight limit, beyond which it answers 429 (default: %(default)s)")
     p.add_argument("--mode", choices=["dualfocus", "macro"], default="dualfocus", help="default: %(default)s")
     p.add_argument("--out", type=Path, help="results JSON (default: loadtests/results/soak-<time>.json)")
+    p.add_argument("serve_flags", nargs="*", help="further `dualfocus serve` flags (after --)")
     args = p.parse_args(argv)
 
     with socket.socket() as s:
@@ -151,7 +158,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_suffix(".server.log")
     server = start([sys.executable, "-m", "engine.cli", "serve", "--model", MODEL, "--port", str(port),
-                    "--max-inflight-requests", str(args.max_inflight_requests)], port, log)
+                    "--max-inflight-requests", str(args.max_inflight_requests), *args.serve_flags], port, log)
     try:
         result = asyncio.run(overload(f"http://127.0.0.1:{port}", "none", server.pid, factor=args.factor,
                                       duration=args.duration, max_inflight=args.max_inflight_requests,
