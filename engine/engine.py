@@ -191,7 +191,8 @@ class DualFocusEngine:
         from vllm.exceptions import RetryableRequestError
 
         out = await self._generate_once(prompt_ids, images, params, request_id, priority, started, on_text)
-        if out.finish_reason == "error":
+        # Not once text has been streamed: a second attempt could say something else.
+        if out.finish_reason == "error" and not (on_text is not None and out.text):
             self.retries += 1
             log.warning("pass %s failed in the engine; retrying once", request_id)
             out = await self._generate_once(prompt_ids, images, params, request_id + "-retry", priority,

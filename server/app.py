@@ -17,7 +17,7 @@ from engine import DualFocusEngine
 
 from . import metrics
 from .chat_completions.api_router import router as chat_router
-from .errors import error_response, install_error_handlers
+from .errors import api_error_response, as_api_error, error_response, install_error_handlers
 from .logs import REQUEST_ID, configure_logging
 from .models.api_router import router as models_router
 from .ops.api_router import router as ops_router
@@ -76,8 +76,9 @@ _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 class RequestIdAndBodyLimit:
     """Gives every request an id (the client's X-Request-Id if sent), echoed in the response
-    and set for the request's log lines, and refuses bodies over the limit by their
-    Content-Length before reading them.
+    and set for the request's log lines; refuses bodies over the limit (by Content-Length
+    before reading, or while reading a chunked body); and answers any failure that escaped
+    the app's handlers with a 500 in OpenAI's shape, still carrying the id.
 
     Plain ASGI rather than @app.middleware("http"): that wrapper hides the client's
     disconnect from the endpoint, and disconnects must abort the request's passes."""
@@ -94,17 +95,50 @@ class RequestIdAndBodyLimit:
             request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         REQUEST_ID.set(request_id)  # this request's task only: each request runs in its own
+        started = False
 
         async def send_with_id(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
             await send(message)
 
+        too_large = error_response(413, f"request body is larger than {self.max_body_bytes} bytes")
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            response = error_response(413, f"request body is larger than {self.max_body_bytes} bytes")
-            return await response(scope, receive, send_with_id)
-        await self.app(scope, receive, send_with_id)
+            return await too_large(scope, receive, send_with_id)
+        if not length and headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            # No length to check up front: read the body here, up to the limit, and replay it.
+            replay = await self._read_bounded(receive)
+            if replay is None:
+                return await too_large(scope, receive, send_with_id)
+            receive = replay
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as e:  # what no exception handler answered (they answer all they know)
+            if started:
+                raise
+            await api_error_response(as_api_error(e))(scope, receive, send_with_id)
+
+    async def _read_bounded(self, receive):
+        """Read the body's messages, then a `receive` that replays them; None if over the limit."""
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":  # the client left; the app will see it
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return None
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return replay
 
 
 async def _run_engine(app: FastAPI, settings: ServerSettings) -> None:

@@ -54,8 +54,9 @@ def as_api_error(e: Exception) -> APIError:
     if isinstance(e, VLLMClientError):
         # vLLM refusing what the client sent (prompt longer than the context, bad parameters).
         return APIError(400, str(e), param=getattr(e, "parameter", None))
-    if isinstance(e, GracefulHTTPError):
-        return APIError(int(e.http_status), str(e))
+    if isinstance(e, GracefulHTTPError):  # e.g. vLLM's own queue full (503)
+        retry = {"Retry-After": "1"} if int(e.http_status) in (429, 503) else None
+        return APIError(int(e.http_status), str(e), headers=retry)
     if isinstance(e, RetryableRequestError):  # already retried once (engine.generate)
         return APIError(503, str(e), code="engine_retryable_error", headers={"Retry-After": "1"})
     if isinstance(e, GenerationError):
@@ -79,7 +80,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _mapped(_: Request, e: Exception):
         return api_error_response(as_api_error(e))
 
-    for kind in (APIError, VLLMClientError, GracefulHTTPError, GenerationError, EngineDeadError, Exception):
+    # The failures we expect, named one by one; anything else is answered by the request-id
+    # middleware (server/app.py), which is outside Starlette's catch-all and so can still
+    # add the request id to the 500.
+    for kind in (APIError, VLLMClientError, GracefulHTTPError, GenerationError, EngineDeadError):
         app.add_exception_handler(kind, _mapped)
 
     @app.exception_handler(RequestValidationError)

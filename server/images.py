@@ -27,7 +27,11 @@ from .settings import ServerSettings
 _DATA_URL = re.compile(r"^data:(image/[a-zA-Z0-9.+-]+)?(;[^,]*)?;base64,", re.IGNORECASE)
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
 _MAX_REDIRECTS = 3
-_FETCH_TIMEOUT_S = 10.0
+_FETCH_TIMEOUT_S = 10.0  # each connect or read
+_FETCH_DEADLINE_S = 30.0  # the whole fetch, redirects included
+# IPv6 forms that carry an IPv4 address in their low 32 bits: NAT64 (well-known and local-use
+# prefixes) and the old IPv4-compatible form. A "global" one can still reach 10.0.0.5.
+_EMBEDS_IPV4 = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96"))
 
 
 def _refuse(reason: str, status: int, message: str) -> APIError:
@@ -76,6 +80,16 @@ def _from_file(url: str, settings: ServerSettings) -> bytes:
 async def _from_web(url: str, settings: ServerSettings) -> bytes:
     if not settings.allowed_image_domains:
         raise _refuse("url", 400, "http(s) image URLs are not enabled on this server (--allowed-image-domains)")
+    try:
+        async with asyncio.timeout(_FETCH_DEADLINE_S):
+            return await _fetch(url, settings)
+    except TimeoutError:
+        raise _refuse("fetch", 400, f"fetching the image took longer than {_FETCH_DEADLINE_S:.0f} s") from None
+    except httpx.HTTPError as e:  # refused, reset, timed out, not HTTP
+        raise _refuse("fetch", 400, f"fetching the image failed ({type(e).__name__})") from None
+
+
+async def _fetch(url: str, settings: ServerSettings) -> bytes:
     async with httpx.AsyncClient(follow_redirects=False, timeout=_FETCH_TIMEOUT_S) as client:
         for _ in range(_MAX_REDIRECTS + 1):
             request = await _checked_request(client, url, settings.allowed_image_domains)
@@ -101,23 +115,44 @@ async def _checked_request(client: httpx.AsyncClient, url: str, allowed: list[st
     """A GET for `url` if its host is allowed and resolves only to public addresses, sent to
     the address that was checked: resolving again at connect time would let a DNS answer
     that changed in between (rebinding) reach an internal address."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        target = httpx.URL(url)
+    except (ValueError, httpx.InvalidURL):
+        raise _refuse("url", 400, "image_url is not a valid URL") from None
     host = (parts.hostname or "").lower()
-    if parts.scheme not in ("http", "https") or not any(host == d or host.endswith("." + d) for d in allowed):
-        raise _refuse("url", 400, f"image host {host!r} is not on this server's allow-list")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if parts.scheme not in ("http", "https"):
+        raise _refuse("url", 400, f"image_url scheme {parts.scheme!r} is not supported after a redirect")
+    if not any(host == d or host.endswith("." + d) for d in allowed):
+        raise _refuse("host_not_allowed", 400, f"image host {host!r} is not on this server's allow-list")
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
         raise _refuse("fetch", 400, f"image host {host!r} does not resolve") from None
     addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-    if not addresses or not all(a.is_global for a in addresses):
-        raise _refuse("url", 400, f"image host {host!r} resolves to a non-public address")
+    if not addresses or not all(is_public(a) for a in addresses):
+        raise _refuse("address_not_public", 400, f"image host {host!r} resolves to a non-public address")
     return client.build_request(
-        "GET", httpx.URL(url).copy_with(host=str(addresses[0])),
+        # Credentials in the URL are not sent on: an image host needs none.
+        "GET", target.copy_with(host=str(addresses[0]), userinfo=b""),
         headers={"Host": parts.netloc.rsplit("@", 1)[-1]},
         # TLS still verifies the certificate against the host name, not the address.
         extensions={"sni_hostname": host} if parts.scheme == "https" else {})
+
+
+def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Globally routable unicast, and for IPv6 that carries an IPv4 address (mapped, 6to4,
+    Teredo, NAT64, IPv4-compatible), that address too."""
+    if address.is_multicast or not address.is_global:
+        return False
+    if address.version == 6:
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+        if embedded is None and any(address in network for network in _EMBEDS_IPV4):
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_public(embedded)
+    return True
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:

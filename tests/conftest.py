@@ -36,7 +36,8 @@ def data_url(image, fmt="PNG") -> str:
 
 # The image hosts of tests/test_reliability.py, in a network namespace: one at a public address
 # (routed to the namespace on this machine only) and one at a private address. Both are on the
-# session server's allow-list, so only the address policy keeps it from the private one.
+# session server's allow-list (with loopback and the cloud metadata address), so only the
+# address policy keeps it from the private ones.
 PUBLIC_IMAGE_HOST = "93.184.215.14"
 PRIVATE_IMAGE_HOST = "10.213.0.2"
 
@@ -106,7 +107,8 @@ def server(tmp_path_factory):
     running = start_server(
         folder, "--api-key", RunningServer.API_KEY, "--max-inflight-requests", "4", "--max-image-pixels", "1000000",
         "--max-body-bytes", "4000000", "--drain-seconds", "5",
-        "--allowed-image-domains", f"localhost,images.example,{PUBLIC_IMAGE_HOST},{PRIVATE_IMAGE_HOST}",
+        "--allowed-image-domains",
+        f"localhost,images.example,{PUBLIC_IMAGE_HOST},{PRIVATE_IMAGE_HOST},127.0.0.1,::1,169.254.169.254",
         "--allowed-local-media-path", str(folder))
     yield running
     running.process.terminate()

@@ -7,10 +7,9 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-
-from ..deps import admit, ready_engine, require_api_key, settings
 from openai.types.chat import ChatCompletion
 
+from ..deps import admit, ready_engine, require_api_key, settings
 from ..errors import APIError, error_responses
 from .protocol import ChatCompletionRequest
 from .serving import ChatCompletionsService, to_query
@@ -26,7 +25,8 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, engine=Depends(ready_engine),
                                  settings=Depends(settings)):
     arrived = time.perf_counter()
-    query = await to_query(body, settings, engine.max_model_len)
+    # Decoding may fetch an image: that too stops if the client goes away.
+    query = await _cancel_on_disconnect(request, to_query(body, settings, engine.max_model_len))
     service = ChatCompletionsService(engine, settings)
     request_id = request.state.request_id
     if body.stream:
