@@ -12,9 +12,11 @@ import time
 import pytest
 import pytest_asyncio
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from engine.convert_llava import LayoutError, WeightFiles, convert
+
+from .conftest import scene
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -197,11 +199,7 @@ def tensors_of(folder) -> dict:
 
 def picture():
     """Not square, so the pad-to-square matters; 336 wide, so CLIP's resize is the identity."""
-    image = Image.new("RGB", (336, 224), (128, 128, 128))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((30, 40, 140, 150), fill=(220, 30, 30))
-    draw.ellipse((190, 60, 310, 180), fill=(30, 60, 220))
-    return image
+    return scene(336, 224)
 
 
 # --- conversion, without an engine -----------------------------------------------------------------
