@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 import openai
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from . import scenes
 from .bench import ROOT, start, stop
@@ -92,7 +93,7 @@ async def overload(base_url: str, api_key: str, pid: int, *, factor: float, dura
     sampler.cancel()
     await client.close()
 
-    idle = await asyncio.to_thread(_wait_idle, base_url)
+    idle = await asyncio.to_thread(wait_idle, base_url)
     health = httpx.get(base_url + "/health", timeout=10).status_code
     summary = summarize(samples, wall)
     refused = summary["errors"].get("http_429", 0)
@@ -122,20 +123,20 @@ async def overload(base_url: str, api_key: str, pid: int, *, factor: float, dura
     }
 
 
-def _metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and line[len(name)] in " {")
+# Series that are all zero once nothing is left in flight, here or in vLLM, and the KV cache
+# holds no live block.
+_IDLE_SERIES = ("dualfocus_inflight_requests", "vllm:num_requests_running", "vllm:num_requests_waiting",
+                "vllm:kv_cache_usage_perc")
 
 
-def _wait_idle(base_url: str, timeout: float = 60.0) -> bool:
-    """True once no request is in flight here or in vLLM, and the KV cache holds no live block."""
+def wait_idle(base_url: str, timeout: float = 60.0, poll_s: float = 0.5) -> bool:
+    """True once the server at `base_url` is idle (see _IDLE_SERIES), False if not within `timeout` s."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        text = httpx.get(base_url + "/metrics", timeout=10).text
-        if not any(_metric(text, n) for n in ("dualfocus_inflight_requests", "vllm:num_requests_running",
-                                             "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")):
+        families = text_string_to_metric_families(httpx.get(base_url + "/metrics", timeout=10).text)
+        if not any(s.value for f in families for s in f.samples if s.name in _IDLE_SERIES):
             return True
-        time.sleep(0.5)
+        time.sleep(poll_s)
     return False
 
 

@@ -104,15 +104,14 @@ class RequestIdAndBodyLimit:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
             await send(message)
 
-        too_large = error_response(413, f"request body is larger than {self.max_body_bytes} bytes")
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            return await too_large(scope, receive, send_with_id)
+            return await self._too_large()(scope, receive, send_with_id)
         if not length and headers.get(b"transfer-encoding", b"").lower() == b"chunked":
             # No length to check up front: read the body here, up to the limit, and replay it.
             replay = await self._read_bounded(receive)
             if replay is None:
-                return await too_large(scope, receive, send_with_id)
+                return await self._too_large()(scope, receive, send_with_id)
             receive = replay
         try:
             await self.app(scope, receive, send_with_id)
@@ -120,6 +119,9 @@ class RequestIdAndBodyLimit:
             if started:
                 raise
             await api_error_response(as_api_error(e))(scope, receive, send_with_id)
+
+    def _too_large(self):
+        return error_response(413, f"request body is larger than {self.max_body_bytes} bytes")
 
     async def _read_bounded(self, receive):
         """Read the body's messages, then a `receive` that replays them; None if over the limit."""

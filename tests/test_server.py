@@ -2,12 +2,13 @@
 
 import asyncio
 import json
-import time
 
 import httpx
 import openai
 import pytest
 from PIL import Image
+
+from loadtests.soak import wait_idle
 
 from .conftest import RunningServer, data_url, scene
 
@@ -209,15 +210,9 @@ async def test_over_the_inflight_limit_is_429_with_retry_after(server, aclient):
     assert server.value("dualfocus_max_inflight_requests") == 4
 
 
-def _wait_idle(server, timeout=15.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        # No request left here or in vLLM, and every KV-cache block it held released.
-        if (server.value("dualfocus_inflight_requests") == 0 and server.value("vllm:num_requests_running") == 0
-                and server.value("vllm:kv_cache_usage_perc") == 0):
-            return True
-        time.sleep(0.2)
-    return False
+def _wait_idle(server):
+    """No request left here or in vLLM, and every KV-cache block it held released."""
+    return wait_idle(server.base_url, timeout=15.0, poll_s=0.2)
 
 
 def test_client_disconnect_mid_stream_aborts_every_sequence(server):
