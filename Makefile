@@ -3,11 +3,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= tiny-llava
 
-.PHONY: help install test-tools models serve test test-fast bench soak docker clean
+.PHONY: help install test-tools models serve lint test test-fast bench soak docker clean
 
 help:
 	@echo "make serve   set up, build the default tiny model if missing, and serve it on 127.0.0.1:8000"
 	@echo "make test    set up, then run the whole test suite"
+	@echo "make lint    ruff (lint, format) and mypy on dualfocus/ engine/ server/ clients/"
+	@echo "make test-fast  the tests that need no vLLM engine (seconds)"
 	@echo "make models  build the embedded tiny checkpoints (prints NAME PATH)"
 	@echo "make bench   this service vs stock vLLM vs the reference's way (docs/benchmarks.md)"
 	@echo "make soak    2 minutes at 4x the sustainable rate: stays up, refuses politely (docs/reliability.md)"
@@ -17,7 +19,7 @@ install:
 	@bash deploy/install.sh
 
 models: install
-	$(PY) -m engine.cli build-tiny
+	$(PY) -m dualfocus build-tiny
 
 # Tools the tests use beside the Python packages: promtool (Debian's prometheus package).
 test-tools:
@@ -26,15 +28,22 @@ test-tools:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 serve: install
-	$(PY) -m engine.cli build-tiny $(MODEL)
-	$(PY) -m engine.cli serve --model $(MODEL) $(SERVE_FLAGS)
+	$(PY) -m dualfocus build-tiny $(MODEL)
+	$(PY) -m dualfocus serve --model $(MODEL) $(SERVE_FLAGS)
+
+# ruff (lint and format) and mypy on the packages; configured in pyproject.toml.
+LINTED := dualfocus engine server clients
+lint: install
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
+	$(PY) -m mypy
 
 test: install test-tools
 	$(PY) -m pytest -q -ra
 
-# Everything that needs no vLLM engine (seconds, not minutes).
+# Everything that needs no vLLM engine: no in-process engine, no server subprocess (seconds, not minutes).
 test-fast: install
-	$(PY) -m pytest -q -ra -m "not engine"
+	$(PY) -m pytest -q -ra -m "not engine and not server"
 
 # The side-by-side benchmark (about 10 minutes): results in loadtests/results/, table in docs/benchmarks.md.
 bench: install

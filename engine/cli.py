@@ -1,11 +1,11 @@
-"""`dualfocus`: the project's command line."""
+"""The engine's subcommands (build-tiny, demo, convert-llava) and the engine flags every command
+that starts an engine shares. The `dualfocus` command assembles them (dualfocus/cli.py)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import sys
 
 from .config import DEFAULT_MODEL, EngineConfig
 
@@ -63,7 +63,8 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .engine import DualFocusEngine, Query, Sampling
+    from .engine import DualFocusEngine
+    from .query import Query, Sampling
 
     image = Image.open(args.image) if args.image else _demo_image()
 
@@ -81,22 +82,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from server.app import serve
-    from server.settings import ServerSettings
-
-    serve(ServerSettings(
-        engine=engine_config(args), host=args.host, port=args.port, api_key=args.api_key,
-        served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
-        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-        max_images_per_request=args.max_images_per_request,
-        allowed_image_domains=[d.strip().lower() for d in args.allowed_image_domains.split(",") if d.strip()],
-        allowed_local_media_path=args.allowed_local_media_path, max_inflight_requests=args.max_inflight_requests,
-        drain_seconds=args.drain_seconds,
-    ))
-    return 0
-
-
 def _demo_image():
     """A synthetic scene: a red square and a blue disc on grey."""
     from PIL import Image, ImageDraw
@@ -108,10 +93,7 @@ def _demo_image():
     return image
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dualfocus", description="DualFocus Serve: zoom-in VLM inference on vLLM.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build-tiny", help="build the embedded tiny checkpoints (offline, deterministic); "
                                           "prints 'NAME PATH' per checkpoint")
     p.add_argument("names", nargs="*", help="which to build (default: all)")
@@ -125,53 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(func=cmd_demo)
 
-    import os
-
-    from server.settings import ServerSettings
-
-    d = ServerSettings()
-    p = sub.add_parser("serve", help="serve the OpenAI chat completions API (DualFocus for requests with an image)")
-    p.add_argument("--host", default=d.host, help="default: %(default)s")
-    p.add_argument("--port", type=int, default=d.port, help="default: %(default)s")
-    p.add_argument("--api-key", default=os.environ.get("DUALFOCUS_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $DUALFOCUS_API_KEY, else none)")
-    p.add_argument("--served-model-name", help="the model name clients send (default: the --model value)")
-    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="default: %(default)s")
-    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes, help="default: %(default)s")
-    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
-                   help="checked from the image header before decoding (default: %(default)s)")
-    p.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request,
-                   help="default: %(default)s")
-    p.add_argument("--allowed-image-domains", default="",
-                   help="comma-separated hosts (and their subdomains) http(s) image URLs may come from; "
-                        "non-public addresses are refused whatever the list (default: none, http(s) off)")
-    p.add_argument("--allowed-local-media-path",
-                   help="folder file:// image URLs may read from (default: none, file:// off)")
-    p.add_argument("--max-inflight-requests", type=int, default=d.max_inflight_requests,
-                   help="beyond this, 429 with Retry-After (default: %(default)s)")
-    p.add_argument("--drain-seconds", type=float, default=d.drain_seconds,
-                   help="on SIGTERM, how long in-flight requests may finish (default: %(default)s)")
-    add_engine_args(p)
-    p.set_defaults(func=cmd_serve)
-
-    from clients.python import cli as ask_cli
-
-    ask_cli.add_parser(sub)
-
-    from clients.eval import cli as eval_cli
-
-    eval_cli.add_parser(sub)
-
     from . import convert_llava
 
     convert_llava.add_parser(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

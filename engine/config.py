@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .tiny import TINY_MODELS, ensure_tiny
-
 DEFAULT_MODEL = "tiny-llava"
 
 
@@ -39,6 +37,9 @@ class EngineConfig:
     extra: dict = field(default_factory=dict)
 
     def resolve_model(self) -> str:
+        # A tiny-* name means "build it if missing": only then is the builder imported.
+        from .tiny import TINY_MODELS, ensure_tiny
+
         if self.model in TINY_MODELS:
             return str(ensure_tiny(self.model))
         return str(Path(self.model).expanduser()) if Path(self.model).expanduser().exists() else self.model
@@ -68,7 +69,9 @@ class EngineConfig:
             disable_log_stats=False,
         )
         # vLLM's CPU default (a fraction of all memory) fails to start beside other processes.
-        kv_cache_gib = self.kv_cache_gib if self.kv_cache_gib is not None else (4 if current_platform.is_cpu() else None)
+        kv_cache_gib = self.kv_cache_gib
+        if kv_cache_gib is None and current_platform.is_cpu():
+            kv_cache_gib = 4
         if kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         for name in ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens"):

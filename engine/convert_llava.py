@@ -25,6 +25,7 @@ bytes), so the memory needed is about one tensor, not the model. Sources: safete
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import struct
@@ -34,7 +35,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .tiny import LLAVA_CHAT_TEMPLATE
+from .families.llava import CHAT_TEMPLATE as LLAVA_CHAT_TEMPLATE
 
 if TYPE_CHECKING:
     import torch
@@ -170,7 +171,7 @@ def write_shards(tensors: list[OutTensor], out: Path, max_shard_bytes: int) -> l
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
-    for file, shard in zip(names, shards):
+    for file, shard in zip(names, shards, strict=True):
         _write_safetensors(out / file, shard)
         weight_map.update({t.name: file for t in shard})
     if len(shards) > 1:
@@ -184,7 +185,8 @@ def _write_safetensors(path: Path, tensors: list[OutTensor]) -> None:
     # back to back in header order (https://github.com/huggingface/safetensors#format).
     import torch
 
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
     for t in tensors:
         header[t.name] = {"dtype": _dtype_codes()[t.dtype], "shape": t.shape,
                           "data_offsets": [offset, offset + t.nbytes]}
@@ -308,7 +310,7 @@ def convert(src: str | Path, dst: str | Path, vision_tower: str | Path | None = 
     tensors = []
     for name, (files, original) in plan.items():
         shape, dtype = files.shape_dtype(original)
-        load = (lambda f=files, o=original: f.load(o))
+        load: Callable[[], torch.Tensor] = functools.partial(files.load, original)
         if new_vocab > vocab and name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
             shape, load = [new_vocab, shape[1]], _with_mean_rows(load, new_vocab - vocab)
         tensors.append(OutTensor(name, shape, dtype, load))
@@ -347,7 +349,10 @@ def _find_tower(config: dict, vision_tower: str | Path | None):
     """The CLIP folder (--vision-tower, else mm_vision_tower if that is a local folder) and its
     vision config. The original code fetches the tower by name; here it must be on disk."""
     name = config.get("mm_vision_tower") or config.get("vision_tower")
-    tower = Path(vision_tower or name).expanduser()
+    where = vision_tower or name
+    if not where:
+        raise LayoutError("config.json names no vision tower (mm_vision_tower); pass --vision-tower FOLDER")
+    tower = Path(where).expanduser()
     if not (tower / "config.json").is_file():
         raise LayoutError(
             f"the vision tower {name!r} is needed (for its config, and its weights unless the checkpoint has "

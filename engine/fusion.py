@@ -33,7 +33,8 @@ class Question:
 
 def parse_question(text: str) -> Question:
     """Options are consecutive lines A., B., C. ... (or A), (A)) starting with A."""
-    stem_lines, options = [], {}
+    stem_lines: list[str] = []
+    options: dict[str, str] = {}
     for line in text.splitlines():
         m = _OPTION_LINE.match(line)
         if m and m.group(1) == chr(ord("A") + len(options)):

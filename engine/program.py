@@ -9,41 +9,48 @@
     5. fuse: identical answers stand; otherwise score both as replies to a
        prompt sharing the micro prompt's prefix; lower perplexity wins
 
-Family details (templates, box format, coordinates) come from the adapter.
+Family details (templates, box format, coordinates) come from the adapter; the
+passes run on the pass runner (engine/runner.py), which knows vLLM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from types import TracebackType
 
-from .engine import PRIORITY_NEW, PRIORITY_STARTED, DualFocusEngine, ModelImage, PassOutput, Query
+from .families import FamilyAdapter
 from .fusion import decide, parse_question, pick_by_score
 from .geometry import plan_crop, sorted_box
+from .query import Query
+from .runner import PRIORITY_NEW, PRIORITY_STARTED, ModelImage, PassOutput, PassRunner
 from .trace import BoxTrace, CropTrace, Result, StageStats, Trace
 
 
-async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str, started: asyncio.Event) -> Result:
-    adapter = engine.adapter
+async def run_dualfocus(runner: PassRunner, adapter: FamilyAdapter, query: Query, request_id: str,
+                        started: asyncio.Event) -> Result:
     original = query.image
+    assert original is not None, "DualFocus needs an image (Query.runs_as)"
     width, height = original.size
     full = ModelImage.of(adapter.model_image(original))
 
     def answer_params():  # a fresh copy per pass: vLLM takes ownership of the params it is given
-        return engine.answer_params(query.sampling)
+        return runner.answer_params(query.sampling)
 
     question = parse_question(query.question)  # stem and, for multiple choice, options
     # The box prompt asks about the question itself; its answer options are not a region.
     box_prompt = adapter.box_prompt(question.stem)
     micro: PassOutput | None = None
+    crop: ModelImage | None = None
     crop_trace = None
     async with _tasks() as tasks:
         # 1-2. Box first: it is on the critical path. The macro pass waits for the box
         # prompt to be prefilled (`started`), then reuses its cached image prefix.
-        box_task = tasks.create_task(engine.generate(box_prompt, [full], engine.box_params(), f"{request_id}-box",
+        box_task = tasks.create_task(runner.generate(box_prompt, [full], runner.box_params(), f"{request_id}-box",
                                                      PRIORITY_NEW, started=started))
         await _first_of(started, box_task)
-        macro_task = tasks.create_task(engine.generate(adapter.macro_prompt(query.question), [full], answer_params(),
+        macro_task = tasks.create_task(runner.generate(adapter.macro_prompt(query.question), [full], answer_params(),
                                                        f"{request_id}-macro", PRIORITY_STARTED))
         box = await box_task
 
@@ -51,19 +58,20 @@ async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str, 
         parsed = adapter.parse_box(box.text, width, height)
         plan = plan_crop(parsed.pixels, width, height) if parsed else None
         box_trace = BoxTrace(box.text, parsed.normalized if parsed else None,
-                             tuple(round(v) for v in sorted_box(parsed.pixels)) if parsed else None, plan.outcome if plan else "unparsed")
+                             _rounded(sorted_box(parsed.pixels)) if parsed else None,
+                             plan.outcome if plan else "unparsed")
 
         # 4. Micro pass, if there is a crop to look at.
-        if plan and plan.usable:
+        if plan is not None and plan.rect is not None:
             crop = ModelImage.of(adapter.model_image(original.crop(plan.rect)))
             crop_trace = CropTrace(plan.rect)
-            micro = await engine.generate(adapter.micro_prompt(box_prompt, box.token_ids, query.question),
+            micro = await runner.generate(adapter.micro_prompt(box_prompt, box.token_ids, query.question),
                                           [full, crop], answer_params(), f"{request_id}-micro", PRIORITY_STARTED)
         macro = await macro_task
 
     trace = Trace(mode="dualfocus", chosen="macro", why="", macro_answer=macro.text, box=box_trace, crop=crop_trace,
                   stages={"macro": macro.stats(), "box": box.stats()})
-    if micro is None:
+    if micro is None or crop is None:
         trace.why = f"no micro pass: box {box_trace.outcome}"
         return Result(macro.text, macro.finish_reason, trace)
     trace.micro_answer = micro.text
@@ -82,7 +90,7 @@ async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str, 
             for name, text in decision.candidates.items()
         }
         async with _tasks() as tasks:
-            scored = {name: tasks.create_task(engine.score(prefix, [full, crop], ids, f"{request_id}-score-{name}"))
+            scored = {name: tasks.create_task(runner.score(prefix, [full, crop], ids, f"{request_id}-score-{name}"))
                       for name, ids in replies.items()}
         trace.scores = {name: task.result()[0] for name, task in scored.items()}
         trace.chosen, trace.why = pick_by_score(trace.scores)
@@ -93,13 +101,12 @@ async def run_dualfocus(engine: DualFocusEngine, query: Query, request_id: str, 
     return Result(chosen.text, chosen.finish_reason, trace)
 
 
-async def run_single_pass(engine: DualFocusEngine, query: Query, request_id: str, started: asyncio.Event,
-                          on_text=None) -> Result:
+async def run_single_pass(runner: PassRunner, adapter: FamilyAdapter, query: Query, request_id: str,
+                          started: asyncio.Event, on_text: Callable[[str], None] | None = None) -> Result:
     """Macro mode, or a text-only request: one plain pass."""
-    adapter = engine.adapter
     images = [ModelImage.of(adapter.model_image(query.image))] if query.image is not None else []
-    out = await engine.generate(adapter.macro_prompt(query.question, with_image=bool(images)), images,
-                                engine.answer_params(query.sampling), f"{request_id}-macro", PRIORITY_NEW,
+    out = await runner.generate(adapter.macro_prompt(query.question, with_image=bool(images)), images,
+                                runner.answer_params(query.sampling), f"{request_id}-macro", PRIORITY_NEW,
                                 started=started, on_text=on_text)
     why = "macro mode: one pass" if images else "no image: one plain pass"
     trace = Trace(mode="macro", chosen="macro", why=why, macro_answer=out.text, stages={"macro": out.stats()})
@@ -111,11 +118,17 @@ class _tasks(asyncio.TaskGroup):
     callers see vLLM's own exceptions. Leaving it (by error or cancellation) cancels
     every pass still running, which aborts them in vLLM."""
 
-    async def __aexit__(self, et, exc, tb):
+    async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
         try:
-            return await super().__aexit__(et, exc, tb)
+            await super().__aexit__(et, exc, tb)
         except BaseExceptionGroup as group:
             raise group.exceptions[0] from None
+
+
+def _rounded(box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    x1, y1, x2, y2 = box
+    return round(x1), round(y1), round(x2), round(y2)
 
 
 async def _first_of(event: asyncio.Event, task: asyncio.Task) -> None:
@@ -127,5 +140,3 @@ async def _first_of(event: asyncio.Event, task: asyncio.Task) -> None:
         waiter.cancel()
     if task.done() and not event.is_set():
         task.result()
-
-

@@ -16,6 +16,9 @@ import os
 import shutil
 from pathlib import Path
 
+from .families.llava import CHAT_TEMPLATE as LLAVA_CHAT_TEMPLATE
+from .families.qwen2_vl import CHAT_TEMPLATE as QWEN_CHAT_TEMPLATE
+
 TINY_MODELS = ("tiny-llava", "tiny-qwen2-vl")
 # Bump when the recipe changes, so cached builds of an older recipe are rebuilt.
 RECIPE_VERSION = "3"
@@ -122,24 +125,6 @@ def _seeded():
 
 # --- tiny-llava ------------------------------------------------------------------------------
 
-# Vicuna v1, as LLaVA-1.5 and DualFocus use it; for clients of the stock vLLM server.
-LLAVA_CHAT_TEMPLATE = (
-    # SYSTEM USER: {text} ASSISTANT: {reply}</s>USER: ... ASSISTANT:  (images first, as "<image>\n")
-    "{% set system = 'A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user\\'s questions.' %}"
-    "{{ system }}"
-    "{% for message in messages %}"
-    "{% if message['content'] is string %}{% set text = message['content'] %}{% set images = 0 %}"
-    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\n') %}"
-    "{% set images = message['content'] | rejectattr('type', 'equalto', 'text') | list | length %}{% endif %}"
-    "{% if message['role'] == 'user' %}{% if loop.first %} {% endif %}USER: {{ '<image>\n' * images }}{{ text }} "
-    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ text }}</s>"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
-
 def _build_llava(out: Path) -> None:
     from transformers import (
         CLIPImageProcessor,
@@ -193,20 +178,6 @@ def _build_llava(out: Path) -> None:
 
 
 # --- tiny-qwen2-vl ---------------------------------------------------------------------------
-
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 def _build_qwen2_vl(out: Path) -> None:
     from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, get_args
+
+from .fusion import Chosen
 
 Mode = Literal["dualfocus", "macro"]
+# engine/geometry.py's outcomes, and "unparsed" when the reply held no box.
+BoxOutcome = Literal["ok", "degenerate", "outside", "empty", "unparsed"]
 STAGES = ("macro", "box", "micro", "fusion")
+# Every value a label can take, so counters can start at zero for each.
+MODES: tuple[Mode, ...] = get_args(Mode)
+CHOICES: tuple[Chosen, ...] = get_args(Chosen)
+BOX_OUTCOMES: tuple[BoxOutcome, ...] = get_args(BoxOutcome)
 
 
 @dataclass
@@ -18,7 +26,7 @@ class StageStats:
     cached_tokens: int = 0
     completion_tokens: int = 0
 
-    def __add__(self, other: "StageStats") -> "StageStats":
+    def __add__(self, other: StageStats) -> StageStats:
         """Two passes' costs together (their times added: passes run one after the other)."""
         return StageStats(self.ms + other.ms, self.prompt_tokens + other.prompt_tokens,
                           self.cached_tokens + other.cached_tokens, self.completion_tokens + other.completion_tokens)
@@ -29,7 +37,7 @@ class BoxTrace:
     text: str  # the model's raw box reply
     normalized: tuple[float, float, float, float] | None  # 0-1 of the original image
     pixels: tuple[int, int, int, int] | None  # the box in pixels of the original image, sorted
-    outcome: str  # ok | degenerate | outside | empty | unparsed
+    outcome: BoxOutcome
 
 
 @dataclass
@@ -50,7 +58,7 @@ class CropTrace:
 @dataclass
 class Trace:
     mode: Mode
-    chosen: Literal["macro", "micro", "same"]
+    chosen: Chosen
     why: str
     macro_answer: str
     micro_answer: str | None = None

@@ -106,13 +106,13 @@ def summarize(samples: list[systems.Sample], wall_s: float) -> dict:
     if traces:
         stages = {}
         for name in ("macro", "box", "micro", "fusion"):
-            rows = [t["stages"][name] for t in traces if name in t["stages"]]
+            rows = [t.stages[name] for t in traces if name in t.stages]
             if rows:
-                prompt = sum(r["prompt_tokens"] for r in rows)
-                stages[name] = {"ms_p50": statistics.median(r["ms"] for r in rows), "count": len(rows),
-                                "cached_ratio": sum(r["cached_tokens"] for r in rows) / prompt if prompt else 0.0}
+                prompt = sum(r.prompt_tokens for r in rows)
+                stages[name] = {"ms_p50": statistics.median(r.ms for r in rows), "count": len(rows),
+                                "cached_ratio": sum(r.cached_tokens for r in rows) / prompt if prompt else 0.0}
         out["stages"] = stages
-        out["chosen"] = {c: sum(t["chosen"] == c for t in traces) for c in ("macro", "micro", "same")}
+        out["chosen"] = {c: sum(t.chosen == c for t in traces) for c in ("macro", "micro", "same")}
     return out
 
 

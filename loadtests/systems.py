@@ -17,6 +17,7 @@ import openai
 
 from engine.fusion import decide, parse_question, pick_by_score
 from engine.geometry import plan_crop
+from server.chat_completions.protocol import DualFocusTrace
 
 from .scenes import Item, from_data_url, to_data_url
 
@@ -35,7 +36,7 @@ class Sample:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
-    trace: dict | None = None
+    trace: DualFocusTrace | None = None  # this service's, when it returned one
     extra: dict = field(default_factory=dict)
 
 
@@ -53,16 +54,21 @@ async def ours(client: openai.AsyncOpenAI, model: str, item: Item, mode: str, ma
         r = await client.chat.completions.create(**kwargs)
         u = r.usage
         return Sample(True, time.perf_counter() - t0, None, u.completion_tokens, u.prompt_tokens,
-                      u.prompt_tokens_details.cached_tokens or 0, trace=r.dualfocus)
+                      u.prompt_tokens_details.cached_tokens or 0, trace=_trace(r))
     ttft, trace, usage = None, None, None
     async for chunk in await client.chat.completions.create(**kwargs, stream=True,
                                                             stream_options={"include_usage": True}):
         if chunk.choices and chunk.choices[0].delta.content and ttft is None:
             ttft = time.perf_counter() - t0
-        trace = getattr(chunk, "dualfocus", None) or trace
+        trace = _trace(chunk) or trace
         usage = chunk.usage or usage
     return Sample(True, time.perf_counter() - t0, ttft, usage.completion_tokens, usage.prompt_tokens,
                   usage.prompt_tokens_details.cached_tokens or 0, trace=trace)
+
+
+def _trace(response) -> DualFocusTrace | None:
+    raw = getattr(response, "dualfocus", None)
+    return DualFocusTrace.model_validate(raw) if raw else None
 
 
 async def stock_chat(client: openai.AsyncOpenAI, model: str, item: Item, max_tokens: int, stream: bool) -> Sample:

@@ -1,58 +1,76 @@
-"""The FastAPI app: factory, lifespan that owns the engine, routers per resource."""
+"""The FastAPI app: factory, lifespan that brings up and watches the engine, routers per resource.
+
+The app depends on the engine protocol (engine/protocol.py) only. What to do when the
+engine cannot start or dies (exit, so a supervisor restarts the process) is the caller's
+policy: `serve()` in server/cli.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 import re
-import signal
-import sys
 import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
 
 from fastapi import FastAPI
 
-from engine import DualFocusEngine
+from engine import EngineClient
 
-from . import metrics
 from .chat_completions.api_router import router as chat_router
 from .errors import api_error_response, as_api_error, error_response, install_error_handlers
-from .logs import REQUEST_ID, configure_logging
+from .logs import REQUEST_ID
+from .metrics import ServerMetrics
 from .models.api_router import router as models_router
 from .ops.api_router import router as ops_router
 from .settings import ServerSettings
 
 log = logging.getLogger("dualfocus.server")
 
+# A ready engine, or a factory that loads one (called in a worker thread: a model load takes
+# a while, and /health answers 503 until it returns).
+EngineSource = EngineClient | Callable[[], EngineClient]
+# Called once when the engine fails to start ("start") or dies later ("died").
+EngineFailureHandler = Callable[[Literal["start", "died"]], None]
 
-def create_app(settings: ServerSettings) -> FastAPI:
+
+def create_app(settings: ServerSettings, engine: EngineSource,
+               on_engine_failure: EngineFailureHandler | None = None) -> FastAPI:
+    """The app over `engine`. An engine the app built from a factory is shut down with the app;
+    one handed in ready belongs to the caller. Without `on_engine_failure`, a failed engine
+    leaves the app answering 503."""
+
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # In the background, so /health can answer 503 while the model loads.
-        engine_task = asyncio.create_task(_run_engine(app, settings))
+        engine_task = asyncio.create_task(_run_engine(app, engine, on_engine_failure))
         try:
             yield
         finally:
             engine_task.cancel()
-            engine = app.state.engine
-            if engine is not None:
+            running: EngineClient | None = app.state.engine
+            if running is not None:
                 await _drain(app, settings.drain_seconds)
-                engine.shutdown()
+                if running is not engine:
+                    running.shutdown()
 
     app = FastAPI(title="DualFocus Serve", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
-    app.state.engine = None
+    app.state.engine = None  # set once loaded
+    app.state.engine_failed = False  # it failed to start
     app.state.inflight = 0
-    app.state.exit_code = 0
-    metrics.MAX_INFLIGHT.set(settings.max_inflight_requests)
+    app.state.metrics = ServerMetrics(
+        settings.max_inflight_requests,
+        lambda: app.state.engine.counters() if app.state.engine is not None else None)
     install_error_handlers(app)
 
     app.add_middleware(RequestIdAndBodyLimit, max_body_bytes=settings.max_body_bytes)
     app.include_router(chat_router)
     app.include_router(models_router)
     app.include_router(ops_router)
-    app.openapi = lambda: _openapi_without_422(app)
+    app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]  # FastAPI's documented way
     return app
 
 
@@ -143,30 +161,27 @@ class RequestIdAndBodyLimit:
         return replay
 
 
-async def _run_engine(app: FastAPI, settings: ServerSettings) -> None:
-    """Load the engine, then watch it for as long as the server runs."""
-    try:
-        engine = await asyncio.to_thread(DualFocusEngine.create, settings.engine)
-        await engine.warm_up()
-    except Exception:
-        # Nothing to serve: exit non-zero at once so a supervisor restarts or reports it.
-        log.exception("the engine failed to start")
-        os._exit(1)
+async def _run_engine(app: FastAPI, source: EngineSource, on_failure: EngineFailureHandler | None) -> None:
+    """Load the engine (unless handed a ready one), then watch it for as long as the app runs."""
+    if isinstance(source, EngineClient):
+        engine = source
+    else:
+        try:
+            engine = await asyncio.to_thread(source)
+            await engine.warm_up()
+        except Exception:
+            log.exception("the engine failed to start")
+            app.state.engine_failed = True
+            if on_failure is not None:
+                on_failure("start")
+            return
     app.state.engine = engine
-    metrics.ENGINE_COUNTERS.engine = engine
-    log.info("ready: serving %s", settings.model_name)
-    await _watch_engine(app)
-
-
-async def _watch_engine(app: FastAPI, grace_s: float = 2.0) -> None:
-    """If vLLM's engine dies, answer 503 for a moment (probes see it), then stop with a
-    non-zero exit so a supervisor restarts the process: nothing here can revive it."""
-    while not app.state.engine.dead:
+    log.info("ready: serving %s", app.state.settings.model_name)
+    while not engine.dead:
         await asyncio.sleep(0.5)
-    log.error("the engine has died; exiting with status 1 in %.0f s", grace_s)
-    app.state.exit_code = 1
-    await asyncio.sleep(grace_s)
-    os.kill(os.getpid(), signal.SIGTERM)
+    log.error("the engine has died")
+    if on_failure is not None:
+        on_failure("died")
 
 
 async def _drain(app: FastAPI, seconds: float) -> None:
@@ -176,27 +191,3 @@ async def _drain(app: FastAPI, seconds: float) -> None:
             return
         await asyncio.sleep(0.1)
     log.warning("drain: %d request(s) still in flight after %.0f s", app.state.inflight, seconds)
-
-
-def serve(settings: ServerSettings) -> None:
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):
-            # As uvicorn's, without re-raising the signal at the end: a SIGTERM that
-            # drained cleanly is a normal stop, and exits 0.
-            handled = (signal.SIGINT, signal.SIGTERM)
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    configure_logging()
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            timeout_graceful_shutdown=int(settings.drain_seconds))
-    Server(config).run()
-    sys.exit(app.state.exit_code)

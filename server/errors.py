@@ -9,8 +9,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from vllm.exceptions import GenerationError, GracefulHTTPError, RetryableRequestError, VLLMClientError
-from vllm.v1.engine.exceptions import EngineDeadError
+
+from engine.errors import (
+    EngineDeadError,
+    EngineError,
+    GenerationFailedError,
+    InvalidRequestError,
+    RequestRefusedError,
+    RetryableEngineError,
+)
 
 log = logging.getLogger("dualfocus.server")
 
@@ -48,18 +55,18 @@ class APIError(Exception):
 
 
 def as_api_error(e: Exception) -> APIError:
-    """What the client is told about a failure, whether it is raised here or in vLLM."""
+    """What the client is told about a failure, whether it is raised here or in the engine."""
     if isinstance(e, APIError):
         return e
-    if isinstance(e, VLLMClientError):
-        # vLLM refusing what the client sent (prompt longer than the context, bad parameters).
-        return APIError(400, str(e), param=getattr(e, "parameter", None))
-    if isinstance(e, GracefulHTTPError):  # e.g. vLLM's own queue full (503)
-        retry = {"Retry-After": "1"} if int(e.http_status) in (429, 503) else None
-        return APIError(int(e.http_status), str(e), headers=retry)
-    if isinstance(e, RetryableRequestError):  # already retried once (engine.generate)
+    if isinstance(e, InvalidRequestError):
+        # The engine refusing what the client sent (prompt longer than the context, bad parameters).
+        return APIError(400, str(e), param=e.param)
+    if isinstance(e, RequestRefusedError):  # e.g. vLLM's own queue full (503)
+        retry = {"Retry-After": "1"} if e.status in (429, 503) else None
+        return APIError(e.status, str(e), headers=retry)
+    if isinstance(e, RetryableEngineError):  # already retried once in the engine
         return APIError(503, str(e), code="engine_retryable_error", headers={"Retry-After": "1"})
-    if isinstance(e, GenerationError):
+    if isinstance(e, GenerationFailedError):
         return APIError(500, str(e), code="engine_error")
     if isinstance(e, EngineDeadError):
         return APIError(503, "the engine has stopped", code="engine_dead")
@@ -77,22 +84,22 @@ def api_error_response(e: APIError) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def _mapped(_: Request, e: Exception):
+    async def _mapped(_: Request, e: Exception) -> JSONResponse:
         return api_error_response(as_api_error(e))
 
     # The failures we expect, named one by one; anything else is answered by the request-id
     # middleware (server/app.py), which is outside Starlette's catch-all and so can still
     # add the request id to the 500.
-    for kind in (APIError, VLLMClientError, GracefulHTTPError, GenerationError, EngineDeadError):
+    for kind in (APIError, EngineError):
         app.add_exception_handler(kind, _mapped)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError):
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         msg = first.get("msg", "invalid request")
         return error_response(400, f"{loc}: {msg}" if loc else msg, param=loc or None)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException):
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         return error_response(e.status_code, str(e.detail))

@@ -14,6 +14,7 @@ import ipaddress
 import re
 import socket
 from pathlib import Path
+from typing import Literal, get_args
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -21,7 +22,6 @@ import pybase64
 from PIL import Image, UnidentifiedImageError
 
 from .errors import APIError
-from .metrics import IMAGE_ERRORS
 from .settings import ServerSettings
 
 _DATA_URL = re.compile(r"^data:(image/[a-zA-Z0-9.+-]+)?(;[^,]*)?;base64,", re.IGNORECASE)
@@ -34,15 +34,27 @@ _FETCH_DEADLINE_S = 30.0  # the whole fetch, redirects included
 _EMBEDS_IPV4 = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96"))
 
 
-def _refuse(reason: str, status: int, message: str) -> APIError:
-    IMAGE_ERRORS.labels(reason).inc()
-    return APIError(status, message, param="messages", code=f"image_{reason}")
+# Why an image was refused: the error code is image_<reason>, and dualfocus_image_errors_total
+# counts by reason (every reason's series exists from the start).
+ImageRefusal = Literal["url", "bad_base64", "too_large", "not_found", "fetch", "host_not_allowed",
+                       "address_not_public", "empty", "not_an_image", "format", "too_many_pixels", "truncated"]
+IMAGE_REFUSALS: tuple[ImageRefusal, ...] = get_args(ImageRefusal)
+
+
+class ImageRefused(APIError):
+    def __init__(self, reason: ImageRefusal, status: int, message: str):
+        super().__init__(status, message, param="messages", code=f"image_{reason}")
+        self.reason = reason
+
+
+def _refuse(reason: ImageRefusal, status: int, message: str) -> ImageRefused:
+    return ImageRefused(reason, status, message)
 
 
 async def load_image(url: str, settings: ServerSettings) -> Image.Image:
     """A decoded RGB image from an image_url, or a clear 4xx."""
-    if _DATA_URL.match(url):
-        data = _from_data_url(url, settings.max_image_bytes)
+    if data_url := _DATA_URL.match(url):
+        data = _from_data_url(url[data_url.end():], settings.max_image_bytes)
     elif url.startswith(("http://", "https://")):
         data = await _from_web(url, settings)
     elif url.startswith("file://"):
@@ -53,8 +65,7 @@ async def load_image(url: str, settings: ServerSettings) -> Image.Image:
     return decode_image(data, settings.max_image_pixels)
 
 
-def _from_data_url(url: str, max_bytes: int) -> bytes:
-    payload = url[_DATA_URL.match(url).end():]
+def _from_data_url(payload: str, max_bytes: int) -> bytes:
     if len(payload) * 3 // 4 > max_bytes:
         raise _refuse("too_large", 413, f"image is larger than {max_bytes} bytes")
     try:

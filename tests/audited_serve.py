@@ -20,6 +20,6 @@ def _record_writes(event, args):
 sys.addaudithook(_record_writes)
 
 if __name__ == "__main__":
-    from engine.cli import main
+    from dualfocus.cli import main
 
     sys.exit(main())

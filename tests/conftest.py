@@ -113,3 +113,12 @@ def server(tmp_path_factory):
     yield running
     running.process.terminate()
     running.process.wait(timeout=60)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the session server must be marked `server`, so `make test-fast` (which
+    deselects server and engine tests) never starts one by accident."""
+    unmarked = [item.nodeid for item in items
+                if "server" in getattr(item, "fixturenames", ()) and item.get_closest_marker("server") is None]
+    if unmarked:
+        raise pytest.UsageError("tests using the `server` fixture must be marked server: " + ", ".join(unmarked))

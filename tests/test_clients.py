@@ -20,7 +20,7 @@ from clients.python import (
 
 from .conftest import RunningServer, scene
 
-pytestmark = pytest.mark.engine
+pytestmark = pytest.mark.server
 KEY = RunningServer.API_KEY
 
 
@@ -104,7 +104,7 @@ async def test_rate_limited_carries_retry_after(server):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "engine.cli", "ask", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dualfocus", "ask", *args], capture_output=True, text=True,
                           timeout=120)
 
 

@@ -345,7 +345,7 @@ def test_unexpected_tensors_and_a_missing_tower_are_refused(tmp_path, original):
 
 
 def test_cli_converts(original, tmp_path, capsys):
-    from engine.cli import main
+    from dualfocus.cli import main
 
     assert main(["convert-llava", str(original / "llava-v1.5-tiny"), str(tmp_path / "out"),
                  "--vision-tower", str(original / "clip")]) == 0
@@ -358,7 +358,7 @@ def test_cli_refuses_with_a_message_and_exit_status(tmp_path):
     (tmp_path / "qwen").mkdir()
     (tmp_path / "qwen" / "config.json").write_text(json.dumps(
         {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "convert-llava", str(tmp_path / "qwen"),
+    out = subprocess.run([sys.executable, "-m", "dualfocus", "convert-llava", str(tmp_path / "qwen"),
                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stdout == ""
     assert "error:" in out.stderr and "unknown layout" in out.stderr and "LlavaLlamaForCausalLM" in out.stderr
@@ -451,7 +451,7 @@ TOL = 1e-4
 async def test_vllm_next_token_logprobs_match_the_original_forward_pass(engine, original):
     from vllm import SamplingParams
 
-    from engine.engine import ModelImage
+    from engine.runner import ModelImage
 
     question = "What colour is the square?"
     image = picture()

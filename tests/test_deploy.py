@@ -23,7 +23,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.cli import build_parser
+from dualfocus.cli import build_parser
 
 from .conftest import RunningServer, data_url, scene
 
@@ -470,7 +470,7 @@ SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_co
                    "summary": ("", "_sum", "_count")}
 
 
-@pytest.mark.engine
+@pytest.mark.server
 def test_every_metric_the_deploy_files_use_is_exported(server):
     # Labelled series appear once something has been counted under them: one DualFocus request
     # (box, macro, micro and fusion stages, a fusion decision, a box outcome, vLLM's passes).

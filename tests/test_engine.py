@@ -7,7 +7,8 @@ import pytest
 import pytest_asyncio
 
 from engine import DualFocusEngine, EngineConfig, Query, Sampling
-from engine.engine import PRIORITY_NEW, ModelImage
+from engine.errors import RetryableEngineError
+from engine.runner import PRIORITY_NEW, ModelImage
 
 from .conftest import scene
 
@@ -90,13 +91,13 @@ async def test_follow_up_prompts_extend_earlier_ones_as_vllm_expands_them(engine
     full = ModelImage.of(a.model_image(image))
     crop = ModelImage.of(a.model_image(image.crop((10, 10, 200, 150))))
     box_prompt = a.box_prompt(QUESTIONS[1])
-    box = await engine.generate(box_prompt, [full], engine.box_params(), "t-box", PRIORITY_NEW)
-    micro = await engine.generate(a.micro_prompt(box_prompt, box.token_ids, QUESTIONS[1]), [full, crop],
-                                  engine.answer_params(Sampling(max_tokens=4)), "t-micro", PRIORITY_NEW)
+    box = await engine.runner.generate(box_prompt, [full], engine.runner.box_params(), "t-box", PRIORITY_NEW)
+    micro = await engine.runner.generate(a.micro_prompt(box_prompt, box.token_ids, QUESTIONS[1]), [full, crop],
+                                  engine.runner.answer_params(Sampling(max_tokens=4)), "t-micro", PRIORITY_NEW)
     shared = box.prompt_token_ids + a.strip_stop(box.token_ids)
     assert micro.prompt_token_ids[: len(shared)] == shared
-    scoring = await engine.generate(a.scoring_prompt(box_prompt, box.token_ids, QUESTIONS[1]), [full, crop],
-                                    engine.answer_params(Sampling(max_tokens=1)), "t-score", PRIORITY_NEW)
+    scoring = await engine.runner.generate(a.scoring_prompt(box_prompt, box.token_ids, QUESTIONS[1]), [full, crop],
+                                    engine.runner.answer_params(Sampling(max_tokens=1)), "t-score", PRIORITY_NEW)
     image_token = a.token_id("<image>" if a.name == "llava" else "<|image_pad|>")
     last_crop_token = max(i for i, t in enumerate(micro.prompt_token_ids) if t == image_token)
     assert scoring.prompt_token_ids[: last_crop_token + 1] == micro.prompt_token_ids[: last_crop_token + 1]
@@ -169,19 +170,17 @@ class FailingSequences:
 async def test_a_pass_the_engine_fails_is_retried_once(engine, monkeypatch):
     faults = FailingSequences(engine, 1)
     monkeypatch.setattr(engine.llm, "generate", faults.generate)
-    retries = engine.retries
+    retries = engine.counters().retries
     result = await engine.answer(Query("Say hello.", None, sampling=Sampling(max_tokens=6)), request_id="req-1")
     assert result.answer == result.trace.macro_answer and result.trace.stages["macro"].completion_tokens == 6
-    assert faults.failed_ids == ["req-1-macro"] and engine.retries == retries + 1
+    assert faults.failed_ids == ["req-1-macro"] and engine.counters().retries == retries + 1
     assert engine.num_unfinished_sequences == 0
 
 
 async def test_a_pass_failed_twice_raises_a_retryable_error(engine, monkeypatch):
-    from vllm.exceptions import RetryableRequestError
-
     faults = FailingSequences(engine, 2)
     monkeypatch.setattr(engine.llm, "generate", faults.generate)
-    with pytest.raises(RetryableRequestError, match="twice"):
+    with pytest.raises(RetryableEngineError, match="twice"):
         await engine.answer(Query("Say hello.", None, sampling=Sampling(max_tokens=6)), request_id="req-2")
     assert faults.failed_ids == ["req-2-macro", "req-2-macro-retry"]
     assert engine.num_unfinished_sequences == 0
@@ -199,8 +198,8 @@ async def test_with_data_parallelism_all_passes_of_a_request_go_to_one_replica(e
             yield out
 
     monkeypatch.setattr(engine.llm, "generate", recording_generate)
-    monkeypatch.setattr(engine.config, "data_parallel_size", 2)
-    monkeypatch.setattr(engine, "_next_rank", itertools.cycle(range(2)))
+    monkeypatch.setattr(engine.runner, "data_parallel_size", 2)
+    monkeypatch.setattr(engine.runner, "_next_rank", itertools.cycle(range(2)))
     await asyncio.gather(*[engine.answer(Query(QUESTIONS[i], scene(seed=40 + i), sampling=Sampling(max_tokens=8)),
                                          request_id=f"dp{i}") for i in range(4)])
     by_request = {}

@@ -138,11 +138,11 @@ def synthetic_set(folder):
 
 
 def run_eval(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "engine.cli", "eval", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dualfocus", "eval", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout)
 
 
-@pytest.mark.engine
+@pytest.mark.server
 def test_eval_end_to_end_writes_reference_answer_files_and_scores_them(server, tmp_path):
     path, questions = synthetic_set(tmp_path)
     out = run_eval(path, "--images", tmp_path / "images", "--mode", "both", "--url", server.base_url,
@@ -185,7 +185,7 @@ def test_eval_end_to_end_writes_reference_answer_files_and_scores_them(server, t
     assert "eval" in out.stderr and "16/16" in out.stderr  # the progress bar, on stderr
 
 
-@pytest.mark.engine
+@pytest.mark.server
 def test_eval_one_mode_and_a_limit_and_right_answers_score(server, tmp_path):
     path, questions = synthetic_set(tmp_path)
     common = ("--images", tmp_path / "images", "--mode", "macro", "--url", server.base_url,

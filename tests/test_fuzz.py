@@ -11,7 +11,7 @@ import pytest
 
 from .conftest import RunningServer
 
-pytestmark = pytest.mark.engine
+pytestmark = pytest.mark.server
 
 
 def test_schemathesis_finds_no_server_error_and_no_response_outside_the_schema(server, tmp_path):

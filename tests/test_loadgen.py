@@ -22,7 +22,7 @@ def test_synthetic_scenes_are_distinct_and_sized():
     assert {(i.width, i.height) for i in items} == set(scenes.SIZES)
 
 
-@pytest.mark.engine
+@pytest.mark.server
 @pytest.mark.parametrize("loop", [{"concurrency": 2}, {"rate": 20.0}])
 async def test_load_against_this_service(server, loop):
     client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key=RunningServer.API_KEY, max_retries=0)
@@ -38,7 +38,7 @@ async def test_load_against_this_service(server, loop):
     await client.close()
 
 
-@pytest.mark.engine
+@pytest.mark.server
 def test_vllms_own_load_tool_runs_against_this_service(server, tiny_llava_path):
     import os
     import subprocess
@@ -67,7 +67,7 @@ def test_folder_of_images_with_a_questions_file(tmp_path):
     assert scenes.from_data_url(items[0].image_url).getpixel((0, 0)) == (1, 2, 3)
 
 
-@pytest.mark.engine
+@pytest.mark.server
 async def test_streamed_load_measures_time_to_first_token(server):
     client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key=RunningServer.API_KEY, max_retries=0)
     send = request_fn("ours", client, "tiny-llava", "macro", 8, stream=True)

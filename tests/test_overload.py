@@ -8,7 +8,7 @@ from loadtests.soak import overload
 
 from .conftest import RunningServer
 
-pytestmark = pytest.mark.engine
+pytestmark = pytest.mark.server
 
 
 async def test_four_times_the_sustainable_rate_is_refused_politely(server):

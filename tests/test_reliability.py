@@ -21,7 +21,7 @@ from PIL import Image
 
 from .conftest import PRIVATE_IMAGE_HOST, PUBLIC_IMAGE_HOST, RunningServer, data_url, scene
 
-pytestmark = pytest.mark.engine
+pytestmark = pytest.mark.server
 MODEL = "tiny-llava"
 AUTH = {"Authorization": f"Bearer {RunningServer.API_KEY}"}
 
@@ -194,6 +194,7 @@ def requests_seen(log: Path) -> list[tuple[str, str]]:
     return [tuple(line.split(" ", 1)) for line in log.read_text().splitlines()]
 
 
+@pytest.mark.root
 def test_an_image_from_an_allowed_public_host_is_fetched(server, image_hosts):
     r = post(server, ask(f"http://{PUBLIC_IMAGE_HOST}:8080/scene.png", max_tokens=6,
                          dualfocus={"return_trace": True}))
@@ -203,6 +204,7 @@ def test_an_image_from_an_allowed_public_host_is_fetched(server, image_hosts):
     assert requests_seen(image_hosts) == [(PUBLIC_IMAGE_HOST, "/scene.png")]
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("target,code", [
     # All on the server's allow-list: only the address policy stands in the way.
     (f"http://{PRIVATE_IMAGE_HOST}:8080/scene.png", "image_address_not_public"),

@@ -12,7 +12,7 @@ from loadtests.soak import wait_idle
 
 from .conftest import RunningServer, data_url, scene
 
-pytestmark = pytest.mark.engine
+pytestmark = pytest.mark.server
 MODEL = "tiny-llava"
 
 

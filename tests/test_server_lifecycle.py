@@ -8,7 +8,7 @@ import pytest
 
 from .conftest import start_server
 
-pytestmark = pytest.mark.engine
+pytestmark = pytest.mark.server
 
 
 async def test_sigterm_finishes_in_flight_requests_then_exits_0(tmp_path):

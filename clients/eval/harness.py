@@ -15,6 +15,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -121,7 +122,7 @@ def write_answers(answers: list[Answer], path: Path, model_id: str) -> None:
     with path.open("w") as f:
         for a in answers:
             r = a.result
-            metadata = {"mode": a.mode, "score": a.score}
+            metadata: dict[str, Any] = {"mode": a.mode, "score": a.score}
             if r is None:
                 metadata["error"] = a.error
             else:
@@ -135,8 +136,7 @@ def write_answers(answers: list[Answer], path: Path, model_id: str) -> None:
 def summarize(answers: list[Answer]) -> dict:
     """Accuracy (in %) over the questions with ground truth, overall and per kind; failures; and,
     for DualFocus, how often fusion kept the macro answer, took the micro one, or found them the same."""
-    scored = [(scoring.question_kind(a.question), a.score) for a in answers]
-    scored = [(kind, s) for kind, s in scored if s is not None]
+    scored = [(scoring.question_kind(a.question), a.score) for a in answers if a.score is not None]
     by_kind = {}
     for kind in KIND_NAMES:
         values = [s for k, s in scored if k == kind]

@@ -8,6 +8,7 @@ import io
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import openai
 from PIL import Image, UnidentifiedImageError
@@ -26,10 +27,13 @@ def image_data_url(image: ImageInput) -> str:
         image.save(buf, "PNG")
         data, fmt = buf.getvalue(), "png"
     else:
-        try:
-            data = Path(image).read_bytes() if isinstance(image, (str, Path)) else bytes(image)
-        except OSError as e:
-            raise BadRequest(f"cannot read image {image}: {e.strerror}") from None
+        if isinstance(image, (str, Path)):
+            try:
+                data = Path(image).read_bytes()
+            except OSError as e:
+                raise BadRequest(f"cannot read image {image}: {e.strerror}") from None
+        else:
+            data = bytes(image)
         try:
             fmt = (Image.open(io.BytesIO(data)).format or "").lower()
         except (UnidentifiedImageError, OSError):
@@ -40,7 +44,7 @@ def image_data_url(image: ImageInput) -> str:
 
 def _request(model: str, image: ImageInput | None, question: str, mode: str, max_tokens: int, trace: bool,
              **sampling) -> dict:
-    content = [{"type": "text", "text": question}]
+    content: list[dict[str, Any]] = [{"type": "text", "text": question}]
     if image is not None:
         content.append({"type": "image_url", "image_url": {"url": image_data_url(image)}})
     return dict(model=model, max_tokens=max_tokens, messages=[{"role": "user", "content": content}],

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from server.chat_completions.protocol import DualFocusTrace
 
 
 @dataclass
@@ -35,21 +38,22 @@ class AskResult:
     stages: dict[str, StageTiming] = field(default_factory=dict)
 
     @classmethod
-    def from_response(cls, response) -> "AskResult":
+    def from_response(cls, response: Any) -> AskResult:
+        """From the openai SDK's ChatCompletion; the trace is read with the server's own model of it."""
         usage = response.usage
         details = usage.prompt_tokens_details
         result = cls(
             answer=response.choices[0].message.content or "",
             usage=Usage(usage.prompt_tokens, (details.cached_tokens or 0) if details else 0, usage.completion_tokens),
         )
-        trace = getattr(response, "dualfocus", None)
-        if trace:
-            box, crop = trace.get("box") or {}, trace.get("crop") or {}
-            result.mode, result.chosen, result.why = trace["mode"], trace["chosen"], trace.get("why")
-            result.macro_answer, result.micro_answer = trace["macro_answer"], trace.get("micro_answer")
-            result.box = tuple(box["pixels"]) if box.get("pixels") else None
-            result.box_text = box.get("text")
-            result.crop = tuple(crop["rect"]) if crop.get("rect") else None
-            result.scores = trace.get("scores")
-            result.stages = {name: StageTiming(**s) for name, s in trace.get("stages", {}).items()}
+        raw = getattr(response, "dualfocus", None)
+        if raw:
+            t = DualFocusTrace.model_validate(raw)
+            result.mode, result.chosen, result.why = t.mode, t.chosen, t.why
+            result.macro_answer, result.micro_answer = t.macro_answer, t.micro_answer
+            result.box = t.box.pixels if t.box else None
+            result.box_text = t.box.text if t.box else None
+            result.crop = t.crop.rect if t.crop else None
+            result.scores = t.scores
+            result.stages = {name: StageTiming(s.ms, s.prompt_tokens, s.cached_tokens) for name, s in t.stages.items()}
         return result

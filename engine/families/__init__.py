@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import FamilyAdapter, ParsedBox
 from .llava import LlavaAdapter
-from .qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter
+from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 
 FAMILIES: dict[str, type[FamilyAdapter]] = {
     "llava": LlavaAdapter,

@@ -12,6 +12,25 @@ SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+# The same conversation as a Jinja chat template (tokenizer_config.json), for clients of the stock
+# vLLM server and the checkpoints engine/tiny.py and engine/convert_llava.py write.
+CHAT_TEMPLATE = (
+    # SYSTEM USER: {text} ASSISTANT: {reply}</s>USER: ... ASSISTANT:  (images first, as "<image>\n")
+    "{% set system = 'A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user\\'s questions.' %}"
+    "{{ system }}"
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}{% set images = 0 %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join('\n') %}"
+    "{% set images = message['content'] | rejectattr('type', 'equalto', 'text') | list | length %}{% endif %}"
+    "{% if message['role'] == 'user' %}{% if loop.first %} {% endif %}USER: {{ '<image>\n' * images }}{{ text }} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ text }}</s>"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
 _NUMBER = r"(?:0\.\d{2}|1\.00)"
 _FOUR_NUMBERS = re.compile(r"(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?)")
 

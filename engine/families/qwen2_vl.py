@@ -8,6 +8,21 @@ import re
 from .base import FamilyAdapter, ParsedBox
 
 SYSTEM = "You are a helpful assistant."
+# ChatML as a Jinja chat template (tokenizer_config.json), for clients of the stock vLLM server.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 _INT_0_1000 = r"(?:1000|[1-9][0-9]{0,2}|0)"
 _INT_PIXELS = r"(?:0|[1-9][0-9]{0,4})"
 

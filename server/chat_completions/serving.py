@@ -10,22 +10,29 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
 
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.chat.chat_completion import Choice
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from openai.types.chat.chat_completion_message import ChatCompletionMessage
 from openai.types.completion_usage import CompletionUsage, PromptTokensDetails
 
-from engine import DualFocusEngine, Query, Result, Sampling
+from engine import EngineClient, Query, Result, Sampling
 
-from .. import metrics
 from ..errors import APIError, as_api_error
 from ..images import load_image
+from ..metrics import ServerMetrics
 from ..settings import ServerSettings
-from .protocol import ChatCompletionRequest, ImagePart, TextPart
+from .protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChunk,
+    DualFocusTrace,
+    ImagePart,
+    TextPart,
+)
 
 log = logging.getLogger("dualfocus.requests")
 
@@ -66,46 +73,32 @@ def _usage(result: Result) -> CompletionUsage:
                            prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens))
 
 
-def _trace(req: ChatCompletionRequest, result: Result) -> dict | None:
-    if not req.dualfocus.return_trace:
-        return None
-    t = result.trace
-    return {
-        "mode": t.mode, "chosen": t.chosen, "why": t.why, "macro_answer": t.macro_answer,
-        "micro_answer": t.micro_answer,
-        "box": None if t.box is None else {"text": t.box.text, "normalized": t.box.normalized,
-                                           "pixels": t.box.pixels, "outcome": t.box.outcome},
-        "crop": None if t.crop is None else {"width": t.crop.width, "height": t.crop.height, "rect": t.crop.rect},
-        "scores": t.scores,
-        "stages": {name: {"ms": round(s.ms, 3), "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens}
-                   for name, s in t.stages.items()},
-    }
+def _trace(req: ChatCompletionRequest, result: Result) -> DualFocusTrace | None:
+    return DualFocusTrace.of(result.trace) if req.dualfocus.return_trace else None
 
 
 class ChatCompletionsService:
-    def __init__(self, engine: DualFocusEngine, settings: ServerSettings):
+    def __init__(self, engine: EngineClient, metrics: ServerMetrics):
         self.engine = engine
-        self.settings = settings
+        self.metrics = metrics
 
-    async def complete(self, req: ChatCompletionRequest, query: Query, request_id: str) -> ChatCompletion:
+    async def complete(self, req: ChatCompletionRequest, query: Query, request_id: str) -> ChatCompletionResponse:
         result = await self._run(query, request_id)
-        response = ChatCompletion(
+        response = ChatCompletionResponse(
             id=f"chatcmpl-{request_id}", object="chat.completion", created=int(time.time()), model=req.model,
             choices=[Choice(index=0, finish_reason=_finish(result),
                             message=ChatCompletionMessage(role="assistant", content=result.answer))],
             usage=_usage(result),
         )
-        trace = _trace(req, result)
-        if trace is not None:
-            response.dualfocus = trace  # extra field; the SDK exposes it as response.dualfocus
+        response.dualfocus = _trace(req, result)  # the SDK exposes it as response.dualfocus
         return response
 
     async def stream(self, req: ChatCompletionRequest, query: Query, request_id: str,
                      arrived: float) -> AsyncIterator[str]:
         """SSE lines. Macro mode streams text as generated; a DualFocus answer is known only
         after fusion, so it is sent in one chunk as soon as it is chosen."""
-        base = dict(id=f"chatcmpl-{request_id}", object="chat.completion.chunk", created=int(time.time()),
-                    model=req.model)
+        base: dict[str, Any] = dict(id=f"chatcmpl-{request_id}", object="chat.completion.chunk",
+                                    created=int(time.time()), model=req.model)
         updates: asyncio.Queue[str] = asyncio.Queue()
         sent = ""
 
@@ -114,8 +107,8 @@ class ChatCompletionsService:
 
         task = asyncio.create_task(self._run(query, request_id, on_text))
         try:
-            yield _sse(ChatCompletionChunk(**base, choices=[ChunkChoice(index=0, delta=ChoiceDelta(role="assistant",
-                                                                                                   content=""))]))
+            opening = ChoiceDelta(role="assistant", content="")
+            yield _sse(ChatCompletionStreamChunk(**base, choices=[ChunkChoice(index=0, delta=opening)]))
             first = True
             while not (task.done() and updates.empty()):
                 getter = asyncio.ensure_future(updates.get())
@@ -126,9 +119,9 @@ class ChatCompletionsService:
                 text = getter.result()
                 if len(text) > len(sent):
                     if first:
-                        metrics.TTFT.observe(time.perf_counter() - arrived)
+                        self.metrics.ttft.observe(time.perf_counter() - arrived)
                         first = False
-                    yield _sse(ChatCompletionChunk(**base, choices=[ChunkChoice(
+                    yield _sse(ChatCompletionStreamChunk(**base, choices=[ChunkChoice(
                         index=0, delta=ChoiceDelta(content=text[len(sent):]))]))
                     sent = text
             try:
@@ -139,16 +132,17 @@ class ChatCompletionsService:
             rest = result.answer[len(sent):] if result.answer.startswith(sent) else result.answer
             if rest:
                 if first:
-                    metrics.TTFT.observe(time.perf_counter() - arrived)
-                yield _sse(ChatCompletionChunk(**base, choices=[ChunkChoice(index=0, delta=ChoiceDelta(content=rest))]))
-            last = ChatCompletionChunk(**base, choices=[ChunkChoice(index=0, delta=ChoiceDelta(),
-                                                                    finish_reason=_finish(result))])
+                    self.metrics.ttft.observe(time.perf_counter() - arrived)
+                yield _sse(ChatCompletionStreamChunk(**base, choices=[ChunkChoice(index=0,
+                                                                                  delta=ChoiceDelta(content=rest))]))
+            last = ChatCompletionStreamChunk(**base, choices=[ChunkChoice(index=0, delta=ChoiceDelta(),
+                                                                          finish_reason=_finish(result))])
             trace = _trace(req, result)
-            if trace is not None:
+            if trace is not None:  # set only then: _sse leaves unset fields out
                 last.dualfocus = trace
             yield _sse(last)
             if req.stream_options and req.stream_options.include_usage:
-                yield _sse(ChatCompletionChunk(**base, choices=[], usage=_usage(result)))
+                yield _sse(ChatCompletionStreamChunk(**base, choices=[], usage=_usage(result)))
             yield "data: [DONE]\n\n"
         finally:
             # The client went away (or the stream failed): abort every pass of the request.
@@ -156,19 +150,19 @@ class ChatCompletionsService:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def _run(self, query: Query, request_id: str, on_text=None) -> Result:
-        mode = query.mode if query.image is not None else "macro"
+    async def _run(self, query: Query, request_id: str, on_text: Callable[[str], None] | None = None) -> Result:
+        mode = query.runs_as
         t0 = time.perf_counter()
         status = "error"
         # Queued until the engine starts the request's first pass.
         started = asyncio.Event()
-        metrics.QUEUE_DEPTH.inc()
+        self.metrics.queue_depth.inc()
         waiting = asyncio.create_task(started.wait())
-        waiting.add_done_callback(lambda _: metrics.QUEUE_DEPTH.dec())
+        waiting.add_done_callback(lambda _: self.metrics.queue_depth.dec())
         try:
             result = await self.engine.answer(query, request_id, on_text=on_text, started=started)
             status = "ok"
-            metrics.record_result(result)
+            self.metrics.record_result(result)
             return result
         except asyncio.CancelledError:
             status = "cancelled"
@@ -176,14 +170,15 @@ class ChatCompletionsService:
         finally:
             waiting.cancel()
             seconds = time.perf_counter() - t0
-            metrics.REQUESTS.labels(mode, status).inc()
-            metrics.REQUEST_SECONDS.labels(mode).observe(seconds)
+            self.metrics.requests.labels(mode, status).inc()
+            self.metrics.request_seconds.labels(mode).observe(seconds)
             log.info("%s request %s in %.0f ms", mode, status, seconds * 1000)
 
 
-def _finish(result: Result) -> str:
+def _finish(result: Result) -> Literal["stop", "length"]:
     return "length" if result.finish_reason == "length" else "stop"
 
 
-def _sse(chunk: ChatCompletionChunk) -> str:
+def _sse(chunk: ChatCompletionStreamChunk) -> str:
+    # exclude_unset: the trace only where it was set (the last chunk, when asked for).
     return f"data: {json.dumps(chunk.model_dump(exclude_unset=True, exclude_none=False))}\n\n"

@@ -1,0 +1,1 @@
+"""The `dualfocus` command: the one place that assembles every package's subcommands."""

@@ -1,0 +1,415 @@
+"""The HTTP layer against a fake engine (tests/fakes.py) over ASGI, no vLLM: request -> query
+decoding, responses and the trace's wire format, SSE framing, error mapping, admission (429),
+client disconnects, loading and engine failure, and /metrics of a fresh app."""
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine import EngineConfig
+from engine.errors import (
+    EngineDeadError,
+    GenerationFailedError,
+    InvalidRequestError,
+    RequestRefusedError,
+    RetryableEngineError,
+)
+from server.app import create_app
+from server.settings import ServerSettings
+
+from .fakes import FakeEngine, blocked_forever
+
+MODEL = "tiny"
+
+
+def settings(**overrides) -> ServerSettings:
+    return ServerSettings(engine=EngineConfig(model="/models/fake"), served_model_name=MODEL, drain_seconds=1,
+                          **overrides)
+
+
+@contextlib.asynccontextmanager
+async def serving(engine=None, on_engine_failure=None, wait_ready=True, **overrides):
+    """The app started (its lifespan running) over `engine`, and an httpx client on it."""
+    engine = engine if engine is not None else FakeEngine()
+    app = create_app(settings(**overrides), engine, on_engine_failure)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=10) as http:
+            while wait_ready and app.state.engine is None:
+                await asyncio.sleep(0.01)
+            yield app, http
+
+
+def sdk(http: httpx.AsyncClient) -> openai.AsyncOpenAI:
+    """The official openai SDK over the same ASGI transport."""
+    return openai.AsyncOpenAI(base_url="http://test/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+def png_url(width=320, height=240) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def user(text: str, *image_urls: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         *({"type": "image_url", "image_url": {"url": u}} for u in image_urls)]}]
+
+
+def body(text="What colour is the square?", *image_urls, **extra) -> dict:
+    return {"model": MODEL, "messages": user(text, *image_urls), **extra}
+
+
+def metric(text: str, name: str, **labels) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+def sse_events(raw: str) -> list[str]:
+    """The events' data, checking the framing: every event is one `data: ...` line and a blank line."""
+    assert raw.endswith("\n\n")
+    events = raw[:-2].split("\n\n")
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), events
+    return [e[len("data: "):] for e in events]
+
+
+# --- request -> query ----------------------------------------------------------------------------
+
+async def test_an_openai_request_becomes_the_engine_query():
+    async with serving() as (_, http):
+        engine = http._transport.app.state.engine
+        await sdk(http).chat.completions.create(
+            model=MODEL, messages=user("What colour\nis it?", png_url(320, 240)), max_tokens=9, temperature=0.5,
+            top_p=0.9, seed=3, stop="END", extra_body={"dualfocus": {"mode": "macro"}})
+        q = engine.queries[-1]
+        assert q.question == "What colour\nis it?" and q.image.size == (320, 240) and q.image.mode == "RGB"
+        assert q.mode == "macro" and q.runs_as == "macro"
+        s = q.sampling
+        assert (s.max_tokens, s.temperature, s.top_p, s.seed, s.stop) == (9, 0.5, 0.9, 3, ["END"])
+
+        # Plain string content, no image: the defaults (greedy; max_tokens min(512, context)); max_completion_tokens wins.
+        await sdk(http).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi."}])
+        q = engine.queries[-1]
+        assert q.question == "Hi." and q.image is None and q.mode == "dualfocus" and q.runs_as == "macro"
+        assert (q.sampling.max_tokens, q.sampling.temperature, q.sampling.stop) == (512, 0.0, [])
+        await sdk(http).chat.completions.create(model=MODEL, messages=user("Hi."), max_tokens=5,
+                                                max_completion_tokens=6)
+        assert engine.queries[-1].sampling.max_tokens == 6
+
+
+async def test_the_answer_usage_and_trace_come_back_in_openais_shape():
+    async with serving() as (app, http):
+        response = await sdk(http).chat.completions.create(
+            model=MODEL, messages=user("What colour is the square?", png_url()), max_tokens=8,
+            extra_body={"dualfocus": {"return_trace": True}}, extra_headers={"X-Request-Id": "req-7"})
+        assert app.state.engine.request_ids[-1] == "req-7" and response.id == "chatcmpl-req-7"
+        assert response.choices[0].message.content == "a red square"
+        assert response.choices[0].finish_reason == "stop" and response.model == MODEL
+        u = response.usage
+        assert (u.prompt_tokens, u.prompt_tokens_details.cached_tokens, u.completion_tokens, u.total_tokens) == (
+            600 + 620 + 1300 + 2600, 512 + 640 + 2400, 3 + 12 + 4 + 2, 5120 + 21)
+        # The wire format docs/server.md describes, key for key.
+        assert response.dualfocus == {
+            "mode": "dualfocus", "chosen": "micro", "why": "the micro answer has the lower perplexity",
+            "macro_answer": "a square", "micro_answer": "a red square",
+            "box": {"text": "[0.10, 0.20, 0.30, 0.40]", "normalized": [0.1, 0.2, 0.3, 0.4],
+                    "pixels": [64, 96, 192, 192], "outcome": "ok"},
+            "crop": {"width": 178, "height": 178, "rect": [39, 55, 217, 233]},
+            "scores": {"macro": 2.5, "micro": 1.25},
+            "stages": {"macro": {"ms": 10.0, "prompt_tokens": 600, "cached_tokens": 512},
+                       "box": {"ms": 8.0, "prompt_tokens": 620, "cached_tokens": 0},
+                       "micro": {"ms": 12.346, "prompt_tokens": 1300, "cached_tokens": 640},
+                       "fusion": {"ms": 5.0, "prompt_tokens": 2600, "cached_tokens": 2400}}}
+        # Not asked for: no trace at all.
+        raw = (await http.post("/v1/chat/completions", json=body("Hi.", png_url()))).json()
+        assert "dualfocus" not in raw and raw["choices"][0]["message"]["content"] == "a red square"
+
+
+async def test_the_response_matches_the_published_schema_trace_included():
+    async with serving() as (_, http):
+        schema = (await http.get("/openapi.json")).json()
+        ok = schema["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["application/json"]
+        assert ok["schema"] == {"$ref": "#/components/schemas/ChatCompletionResponse"}
+        components = schema["components"]["schemas"]
+        assert set(components["DualFocusTrace"]["required"]) >= {"mode", "chosen", "box", "crop", "stages"}
+        validator = jsonschema.Draft202012Validator({"$ref": "#/components/schemas/ChatCompletionResponse",
+                                                     "components": schema["components"]})
+        for extra in ({"dualfocus": {"return_trace": True}}, {}):
+            validator.validate((await http.post("/v1/chat/completions", json=body("Hi.", png_url(), **extra))).json())
+        broken = (await http.post("/v1/chat/completions",
+                                  json=body("Hi.", png_url(), dualfocus={"return_trace": True}))).json()
+        broken["dualfocus"]["box"]["pixels"] = [1, 2, 3]
+        with pytest.raises(jsonschema.ValidationError):
+            validator.validate(broken)
+
+
+# --- streaming -----------------------------------------------------------------------------------
+
+async def test_a_stream_is_framed_as_server_sent_events_ending_in_done():
+    async with serving() as (_, http):
+        r = await http.post("/v1/chat/completions", json=body(
+            "Say hello.", stream=True, stream_options={"include_usage": True}, dualfocus={"return_trace": True}))
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        deltas = [c["choices"][0]["delta"].get("content") for c in chunks[1:-2]]
+        assert deltas == ["Hel", "lo t", "here"]  # as the engine produced it, nothing repeated
+        finish, usage = chunks[-2], chunks[-1]
+        assert finish["choices"][0]["finish_reason"] == "length" and finish["dualfocus"]["mode"] == "macro"
+        assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+        assert [c for c in chunks if "dualfocus" in c] == [finish]  # the trace once, on the last chunk
+
+        # The official SDK reads the same stream.
+        stream = await sdk(http).chat.completions.create(model=MODEL, messages=user("Say hello."), stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in stream]) == "Hello there"
+
+
+async def test_a_dualfocus_answer_streams_in_one_chunk_once_chosen():
+    async with serving() as (_, http):
+        r = await http.post("/v1/chat/completions", json=body("What colour?", png_url(), stream=True))
+        chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+        assert [c["choices"][0]["delta"].get("content") for c in chunks] == ["", "a red square", None]
+        assert "dualfocus" not in chunks[-1]
+
+
+async def test_a_failure_after_the_stream_started_is_an_error_event():
+    async def fail(query):
+        raise GenerationFailedError("the engine failed")
+
+    async with serving(FakeEngine(behaviour=fail)) as (_, http):
+        r = await http.post("/v1/chat/completions", json=body("Hi.", stream=True))
+        events = sse_events(r.text)
+        assert r.status_code == 200 and "[DONE]" not in events
+        assert json.loads(events[-1]) == {"error": {"message": "the engine failed", "type": "server_error",
+                                                    "param": None, "code": "engine_error"}}
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("error, status, kind, code, param, retry_after", [
+    (InvalidRequestError("the prompt is longer than the context", param="messages"), 400, "invalid_request_error",
+     None, "messages", None),
+    (RequestRefusedError("the engine's queue is full", 503), 503, "service_unavailable", None, None, "1"),
+    (RetryableEngineError("the engine failed this request twice; please retry"), 503, "service_unavailable",
+     "engine_retryable_error", None, "1"),
+    (GenerationFailedError("the engine failed"), 500, "server_error", "engine_error", None, None),
+    (EngineDeadError("the engine has stopped"), 503, "service_unavailable", "engine_dead", None, None),
+])
+async def test_engine_errors_become_openai_shaped_errors(error, status, kind, code, param, retry_after):
+    async def fail(query):
+        raise error
+
+    async with serving(FakeEngine(behaviour=fail)) as (_, http):
+        r = await http.post("/v1/chat/completions", json=body("Hi."), headers={"X-Request-Id": "e-1"})
+        assert r.status_code == status and r.headers.get("retry-after") == retry_after
+        assert r.json() == {"error": {"message": str(error), "type": kind, "param": param, "code": code}}
+        assert r.headers["x-request-id"] == "e-1"
+
+
+async def test_an_unexpected_engine_failure_is_a_500_that_says_nothing_more():
+    async def bug(query):
+        raise KeyError("secret internals")
+
+    async with serving(FakeEngine(behaviour=bug)) as (_, http):
+        with pytest.raises(openai.InternalServerError) as caught:
+            await sdk(http).chat.completions.create(model=MODEL, messages=user("Hi."))
+        assert caught.value.body == {"message": "internal error", "type": "server_error", "param": None,
+                                     "code": "internal_error"}
+
+
+@pytest.mark.parametrize("request_body, status, code, param", [
+    (body(model="other"), 404, "model_not_found", "model"),
+    ({"model": MODEL, "messages": user("a") + user("b")}, 400, None, "messages"),
+    (body(max_tokens=4096), 400, None, "max_tokens"),
+    (body("Hi.", png_url(), png_url()), 400, None, "messages"),
+    (body(" "), 400, None, "messages"),
+    (body(temperature=3), 400, None, "temperature"),
+])
+async def test_requests_the_server_cannot_run_are_refused_before_the_engine(request_body, status, code, param):
+    async with serving() as (app, http):
+        r = await http.post("/v1/chat/completions", json=request_body)
+        assert r.status_code == status and r.json()["error"]["code"] == code and r.json()["error"]["param"] == param
+        assert app.state.engine.queries == []
+
+
+async def test_a_refused_image_is_a_400_and_counted_by_reason():
+    async with serving() as (app, http):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await sdk(http).chat.completions.create(
+                model=MODEL, messages=user("What?", "data:image/png;base64," + base64.b64encode(b"not").decode()))
+        assert caught.value.code == "image_not_an_image" and app.state.engine.queries == []
+        text = (await http.get("/metrics")).text
+        assert metric(text, "dualfocus_image_errors_total", reason="not_an_image") == 1
+        assert metric(text, "dualfocus_image_errors_total", reason="too_large") == 0
+
+
+# --- admission and disconnects -------------------------------------------------------------------
+
+async def test_beyond_the_in_flight_limit_requests_get_429_with_retry_after():
+    engine = FakeEngine(behaviour=blocked_forever)
+    async with serving(engine, max_inflight_requests=2) as (app, http):
+        running = [asyncio.create_task(http.post("/v1/chat/completions", json=body("Hi."))) for _ in range(2)]
+        while len(engine.queries) < 2:
+            await asyncio.sleep(0.01)
+        r = await http.post("/v1/chat/completions", json=body("Hi."))
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"] == {"message": "the server is at its limit of 2 requests in flight",
+                                     "type": "rate_limit_error", "param": None, "code": "queue_full"}
+        text = (await http.get("/metrics")).text
+        assert metric(text, "dualfocus_rejected_requests_total", reason="queue_full") == 1
+        assert metric(text, "dualfocus_inflight_requests") == 2 and len(engine.queries) == 2
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        assert app.state.inflight == 0
+
+
+async def send_then_disconnect(app, engine: FakeEngine, payload: dict) -> list[dict]:
+    """POST over raw ASGI; once the engine has the request, the client goes away. Returns what was sent."""
+    data = json.dumps(payload).encode()
+    sent, gone, delivered = [], asyncio.Event(), False
+
+    async def receive():
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": data, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 5000), "server": ("test", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                         (b"x-request-id", b"gone-1")]}
+    call = asyncio.create_task(app(scope, receive, send))
+    while not engine.queries:
+        await asyncio.sleep(0.01)
+    gone.set()
+    await asyncio.wait_for(call, 5)
+    return sent
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_that_disconnects_cancels_its_engine_request(stream):
+    engine = FakeEngine(behaviour=blocked_forever)
+    async with serving(engine) as (app, _):
+        await send_then_disconnect(app, engine, body("Hi.", stream=stream))
+        assert engine.cancelled == ["gone-1"] and app.state.inflight == 0
+        text = app.state.metrics.exposition().decode()
+        assert metric(text, "dualfocus_requests_total", mode="macro", status="cancelled") == 1
+
+
+# --- loading, failure, metrics -------------------------------------------------------------------
+
+async def test_health_is_503_while_the_engine_loads_then_the_model_is_listed():
+    loaded, engine = asyncio.Event(), FakeEngine()
+
+    def load():  # the factory runs in a worker thread
+        asyncio.run_coroutine_threadsafe(loaded.wait(), loop).result()
+        return engine
+
+    loop = asyncio.get_running_loop()
+    async with serving(load, wait_ready=False) as (app, http):
+        r = await http.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready" and r.headers["retry-after"] == "5"
+        assert (await http.get("/v1/models")).status_code == 503
+        loaded.set()
+        while app.state.engine is None:
+            await asyncio.sleep(0.01)
+        assert (await http.get("/health")).json() == {"status": "ok"} and engine.warmed_up
+        models = await sdk(http).models.list()
+        card = models.data[0]
+        assert (card.id, card.owned_by, card.max_model_len, card.family) == (MODEL, "dualfocus-serve", 4096, "llava")
+    assert engine.shut_down  # the app built it, the app shuts it down
+
+
+async def test_an_engine_handed_in_ready_belongs_to_the_caller():
+    engine = FakeEngine()
+    async with serving(engine) as (_, http):
+        assert (await http.get("/health")).status_code == 200
+    assert not engine.shut_down and not engine.warmed_up
+
+
+async def test_an_engine_that_dies_turns_health_503_and_calls_the_failure_policy():
+    failures, engine = [], FakeEngine()
+    async with serving(engine, on_engine_failure=failures.append) as (app, http):
+        engine.dead = True
+        for _ in range(100):
+            if failures:
+                break
+            await asyncio.sleep(0.05)
+        assert failures == ["died"]
+        r = await http.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+        r = await http.post("/v1/chat/completions", json=body("Hi."))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+        assert metric((await http.get("/metrics")).text, "dualfocus_rejected_requests_total", reason="engine_dead") == 1
+
+
+async def test_an_engine_that_fails_to_start_calls_the_failure_policy():
+    def load():
+        raise RuntimeError("no such checkpoint")
+
+    failures = []
+    async with serving(load, on_engine_failure=failures.append, wait_ready=False) as (app, http):
+        while not failures:
+            await asyncio.sleep(0.01)
+        assert failures == ["start"]
+        r = await http.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+
+
+async def test_a_fresh_apps_metrics_show_every_known_series_at_zero():
+    engine = FakeEngine(retries=2, scoring_recomputes=1)
+    async with serving(engine, max_inflight_requests=7) as (_, http):
+        text = (await http.get("/metrics")).text
+        zero = {"dualfocus_requests_total": [{"mode": m, "status": s} for m in ("dualfocus", "macro")
+                                             for s in ("ok", "error", "cancelled")],
+                "dualfocus_rejected_requests_total": [{"reason": r} for r in
+                                                      ("queue_full", "not_ready", "engine_dead", "unauthorized")],
+                "dualfocus_image_errors_total": [{"reason": r} for r in
+                                                 ("url", "bad_base64", "too_large", "not_found", "fetch",
+                                                  "host_not_allowed", "address_not_public", "empty", "not_an_image",
+                                                  "format", "too_many_pixels", "truncated")],
+                "dualfocus_fusion_decisions_total": [{"chosen": c} for c in ("macro", "micro", "same")],
+                "dualfocus_box_outcomes_total": [{"outcome": o} for o in
+                                                 ("ok", "degenerate", "outside", "empty", "unparsed")],
+                "dualfocus_prompt_tokens_total": [{"stage": s} for s in ("macro", "box", "micro", "fusion")],
+                "dualfocus_cached_prompt_tokens_total": [{"stage": s} for s in ("macro", "box", "micro", "fusion")],
+                "dualfocus_stage_seconds_count": [{"stage": s} for s in ("macro", "box", "micro", "fusion")],
+                "dualfocus_request_seconds_count": [{"mode": m} for m in ("dualfocus", "macro")]}
+        for name, label_sets in zero.items():
+            for labels in label_sets:
+                assert metric(text, name, **labels) == 0, (name, labels)
+        assert metric(text, "dualfocus_inflight_requests") == 0 and metric(text, "dualfocus_queue_depth") == 0
+        assert metric(text, "dualfocus_max_inflight_requests") == 7
+        # The engine's own counts, read through the engine protocol.
+        assert metric(text, "dualfocus_pass_retries_total") == 2
+        assert metric(text, "dualfocus_scoring_recomputes_total") == 1
+
+        await http.post("/v1/chat/completions", json=body("Hi.", png_url()))
+        text = (await http.get("/metrics")).text
+        assert metric(text, "dualfocus_requests_total", mode="dualfocus", status="ok") == 1
+        assert metric(text, "dualfocus_fusion_decisions_total", chosen="micro") == 1
+        assert metric(text, "dualfocus_box_outcomes_total", outcome="ok") == 1
+        assert metric(text, "dualfocus_prompt_tokens_total", stage="micro") == 1300
+        assert metric(text, "dualfocus_cached_prompt_tokens_total", stage="fusion") == 2400

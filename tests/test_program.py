@@ -1,0 +1,120 @@
+"""The DualFocus program (engine/program.py) against a fake pass runner: which passes run, with
+which prompts, and what is answered, for the cases a model rarely produces on demand. No vLLM."""
+
+import asyncio
+
+import pytest
+from PIL import Image
+
+from engine.errors import GenerationFailedError
+from engine.families.llava import LlavaAdapter
+from engine.program import run_dualfocus, run_single_pass
+from engine.query import Query, Sampling
+
+from .fakes import CharTokenizer, FakeRunner
+
+IMAGE = Image.new("RGB", (640, 480), (128, 128, 128))
+BOX = "[0.10, 0.20, 0.30, 0.40]"  # 64,96 - 192,192 in pixels: a usable crop
+
+
+@pytest.fixture
+def adapter():
+    return LlavaAdapter(CharTokenizer(), {})
+
+
+async def run(runner, adapter, question="What colour is the square?", **query):
+    return await run_dualfocus(runner, adapter, Query(question, IMAGE, **query), "r1", asyncio.Event())
+
+
+@pytest.mark.parametrize("box, outcome", [("no box here", "unparsed"), ("[1.20, 1.30, 1.50, 1.60]", "outside")])
+async def test_without_a_usable_box_the_macro_answer_stands_and_no_micro_pass_runs(adapter, box, outcome):
+    runner = FakeRunner({"box": box, "macro": "red"})
+    result = await run(runner, adapter)
+    assert [p.kind for p in runner.passes] == ["box", "macro"]
+    t = result.trace
+    assert result.answer == "red" and t.chosen == "macro" and t.why == f"no micro pass: box {outcome}"
+    assert t.box.text == box and t.box.outcome == outcome and t.crop is None and t.micro_answer is None
+    assert set(t.stages) == {"box", "macro"}
+
+
+async def test_a_usable_box_crops_the_region_and_the_micro_pass_extends_the_box_prompt(adapter):
+    runner = FakeRunner({"box": BOX, "macro": "red", "micro": "red"})
+    result = await run(runner, adapter, sampling=Sampling(max_tokens=7))
+    box, macro, micro = (next(p for p in runner.passes if p.kind == k) for k in ("box", "macro", "micro"))
+    t = result.trace
+    assert t.box.pixels == (64, 96, 192, 192) and t.box.outcome == "ok"
+    assert t.crop.rect == (39, 55, 217, 233)  # squared about the centre, enlarged by 25 px
+    assert micro.image_sizes == [(640, 640), (178, 178)]  # LLaVA pads both square
+    assert micro.prompt_ids[:len(box.prompt_ids)] == box.prompt_ids  # a follow-up, token for token
+    assert box.params == ("box",) and macro.params[1].max_tokens == 7 and micro.params[1].max_tokens == 7
+    assert t.chosen == "same" and result.answer == "red" and "fusion" not in t.stages  # no scoring needed
+
+
+async def test_multiple_choice_scores_the_option_texts_and_the_box_asks_about_the_stem(adapter):
+    question = "What colour is the square?\nA. red\nB. blue"
+    runner = FakeRunner({"box": BOX, "macro": "A", "micro": "B."}, nll={"macro": 3.0, "micro": 1.5})
+    result = await run(runner, adapter, question)
+    box = next(p for p in runner.passes if p.kind == "box")
+    assert box.prompt_ids == adapter.box_prompt("What colour is the square?")  # options name no region
+    assert runner.scored == {"macro": adapter.reply_ids("red"), "micro": adapter.reply_ids("blue")}
+    t = result.trace
+    assert t.scores == {"macro": 3.0, "micro": 1.5} and t.chosen == "micro" and result.answer == "B."
+    assert t.stages["fusion"].prompt_tokens == sum(len(p.prompt_ids) for p in runner.passes
+                                                   if p.kind.startswith("score"))
+
+
+async def test_open_ended_answers_are_scored_as_generated_without_the_stop_token(adapter):
+    runner = FakeRunner({"box": BOX, "macro": "red", "micro": "crimson"}, nll={"macro": 1.0, "micro": 2.0})
+    result = await run(runner, adapter)
+    assert runner.scored == {"macro": [ord(c) + 10 for c in "red"], "micro": [ord(c) + 10 for c in "crimson"]}
+    assert result.trace.chosen == "macro" and result.answer == "red"
+
+
+@pytest.mark.parametrize("macro, micro, chosen", [("", "blue", "micro"), ("red", "  ", "macro")])
+async def test_an_empty_answer_loses_without_scoring(adapter, macro, micro, chosen):
+    runner = FakeRunner({"box": BOX, "macro": macro, "micro": micro})
+    result = await run(runner, adapter)
+    assert not runner.scored and result.trace.scores is None and "fusion" not in result.trace.stages
+    assert result.trace.chosen == chosen and result.trace.why == "the other answer is empty"
+    assert result.answer == (micro if chosen == "micro" else macro)
+
+
+async def test_both_answers_empty_is_the_same_empty_answer(adapter):
+    runner = FakeRunner({"box": BOX, "macro": "", "micro": ""})
+    result = await run(runner, adapter)
+    assert result.answer == "" and result.trace.chosen == "same" and not runner.scored
+
+
+async def test_a_failing_pass_cancels_the_others_and_its_own_error_is_raised(adapter):
+    # The macro pass is still running when the micro pass fails: it is cancelled, and the caller
+    # sees the engine's error itself, not an ExceptionGroup.
+    runner = FakeRunner({"box": BOX, "micro": GenerationFailedError("micro failed")}, hold=("macro",))
+    with pytest.raises(GenerationFailedError, match="micro failed"):
+        await run(runner, adapter)
+    assert runner.cancelled == ["macro"]
+
+
+async def test_a_failing_box_pass_fails_the_request_before_the_macro_pass_starts(adapter):
+    runner = FakeRunner({"box": GenerationFailedError("box failed"), "macro": "red"})
+    with pytest.raises(GenerationFailedError, match="box failed"):
+        await run(runner, adapter)
+    assert [p.kind for p in runner.passes] == ["box"]
+
+
+async def test_cancelling_the_request_cancels_every_running_pass(adapter):
+    runner = FakeRunner({"box": BOX}, hold=("macro", "micro"))
+    task = asyncio.create_task(run(runner, adapter))
+    while len(runner.passes) < 3:  # box done; macro and micro running
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sorted(runner.cancelled) == ["macro", "micro"]
+
+
+async def test_a_single_pass_streams_its_text_and_has_no_image_without_one(adapter):
+    runner = FakeRunner({"macro": "hello"})
+    result = await run_single_pass(runner, adapter, Query("Say hello.", None), "r2", asyncio.Event())
+    (only,) = runner.passes
+    assert only.image_sizes == [] and only.prompt_ids == adapter.macro_prompt("Say hello.", with_image=False)
+    assert result.answer == "hello" and result.trace.mode == "macro" and result.trace.why == "no image: one plain pass"
