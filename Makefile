@@ -7,7 +7,7 @@ MODEL ?= tiny-llava
 
 help:
 	@echo "make serve   set up, build the default tiny model if missing, and serve it on 127.0.0.1:8000"
-	@echo "make test    set up, then run the whole test suite"
+	@echo "make test    set up, then run the whole test suite (after make lint)"
 	@echo "make lint    ruff (lint, format) and mypy on dualfocus/ engine/ server/ clients/"
 	@echo "make test-fast  the tests that need no vLLM engine (seconds)"
 	@echo "make models  build the embedded tiny checkpoints (prints NAME PATH)"
@@ -38,7 +38,7 @@ lint: install
 	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m mypy
 
-test: install test-tools
+test: install test-tools lint
 	$(PY) -m pytest -q -ra
 
 # Everything that needs no vLLM engine: no in-process engine, no server subprocess (seconds, not minutes).

@@ -6,5 +6,14 @@ from .protocol import EngineClient, EngineCounters, ModelInfo
 from .query import Query, Sampling
 from .trace import Result, Trace
 
-__all__ = ["DualFocusEngine", "EngineClient", "EngineConfig", "EngineCounters", "ModelInfo", "Query", "Result",
-           "Sampling", "Trace"]
+__all__ = [
+    "DualFocusEngine",
+    "EngineClient",
+    "EngineConfig",
+    "EngineCounters",
+    "ModelInfo",
+    "Query",
+    "Result",
+    "Sampling",
+    "Trace",
+]

@@ -14,41 +14,82 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags, shared by every subcommand that starts an engine."""
     d = EngineConfig()
     g = p.add_argument_group("engine (passed through to vLLM)")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="tiny-llava or tiny-qwen2-vl (built locally if missing), a checkpoint folder, "
-                        "or a hub name (default: %(default)s)")
-    g.add_argument("--family", default="auto", choices=["auto", "llava", "qwen2_vl", "qwen2_5_vl"],
-                   help="model family; auto reads config.json's model_type (default: %(default)s)")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="tiny-llava or tiny-qwen2-vl (built locally if missing), a checkpoint folder, "
+        "or a hub name (default: %(default)s)",
+    )
+    g.add_argument(
+        "--family",
+        default="auto",
+        choices=["auto", "llava", "qwen2_vl", "qwen2_5_vl"],
+        help="model family; auto reads config.json's model_type (default: %(default)s)",
+    )
     g.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context length (default: %(default)s)")
-    g.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib,
-                   help="KV cache size in GiB (default: 4 on CPU; on GPU, vLLM's memory fraction)")
+    g.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=d.kv_cache_gib,
+        help="KV cache size in GiB (default: 4 on CPU; on GPU, vLLM's memory fraction)",
+    )
     g.add_argument("--gpu-memory-utilization", type=float, default=None, help="GPU memory fraction (GPU only)")
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per layer (default: %(default)s)")
-    g.add_argument("--pipeline-parallel-size", type=int, default=1,
-                   help="stages of layers, e.g. one per node (default: %(default)s)")
-    g.add_argument("--data-parallel-size", type=int, default=1,
-                   help="engine replicas in this server; a request's passes stay on one (default: %(default)s)")
-    g.add_argument("--distributed-executor-backend", choices=["mp", "ray", "uni"], default=None,
-                   help="how vLLM runs its workers; ray for several nodes (default: vLLM's choice)")
-    g.add_argument("--mm-processor-cache-gib", type=float, default=d.mm_processor_cache_gib,
-                   help="processed-image cache, held twice (this process and the engine core) "
-                        "(default: %(default)s)")
-    g.add_argument("--no-prefix-caching", action="store_true",
-                   help="turn vLLM's prefix cache off (DualFocus's follow-ups then recompute the image)")
-    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
-                   help="skip graph capture (default: on for CPU, off for GPU)")
+    g.add_argument(
+        "--pipeline-parallel-size",
+        type=int,
+        default=1,
+        help="stages of layers, e.g. one per node (default: %(default)s)",
+    )
+    g.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="engine replicas in this server; a request's passes stay on one (default: %(default)s)",
+    )
+    g.add_argument(
+        "--distributed-executor-backend",
+        choices=["mp", "ray", "uni"],
+        default=None,
+        help="how vLLM runs its workers; ray for several nodes (default: vLLM's choice)",
+    )
+    g.add_argument(
+        "--mm-processor-cache-gib",
+        type=float,
+        default=d.mm_processor_cache_gib,
+        help="processed-image cache, held twice (this process and the engine core) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="turn vLLM's prefix cache off (DualFocus's follow-ups then recompute the image)",
+    )
+    g.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="skip graph capture (default: on for CPU, off for GPU)",
+    )
     g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in a batch (default: vLLM's)")
     g.add_argument("--dtype", default="auto", help="default: %(default)s")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model, family=args.family, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-        gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size, data_parallel_size=args.data_parallel_size,
+        model=args.model,
+        family=args.family,
+        max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend,
-        mm_processor_cache_gib=args.mm_processor_cache_gib, enable_prefix_caching=not args.no_prefix_caching,
-        enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
+        mm_processor_cache_gib=args.mm_processor_cache_gib,
+        enable_prefix_caching=not args.no_prefix_caching,
+        enforce_eager=args.enforce_eager,
+        max_num_seqs=args.max_num_seqs,
+        dtype=args.dtype,
     )
 
 
@@ -72,8 +113,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         engine = DualFocusEngine.create(engine_config(args))
         try:
             await engine.warm_up()
-            result = await engine.answer(Query(args.question, image, mode=args.mode,
-                                               sampling=Sampling(max_tokens=args.max_tokens)))
+            result = await engine.answer(
+                Query(args.question, image, mode=args.mode, sampling=Sampling(max_tokens=args.max_tokens))
+            )
             print(json.dumps({"answer": result.answer, "trace": result.trace.to_dict()}, indent=2))
         finally:
             engine.shutdown()
@@ -94,8 +136,10 @@ def _demo_image():
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("build-tiny", help="build the embedded tiny checkpoints (offline, deterministic); "
-                                          "prints 'NAME PATH' per checkpoint")
+    p = sub.add_parser(
+        "build-tiny",
+        help="build the embedded tiny checkpoints (offline, deterministic); prints 'NAME PATH' per checkpoint",
+    )
     p.add_argument("names", nargs="*", help="which to build (default: all)")
     p.set_defaults(func=cmd_build_tiny)
 

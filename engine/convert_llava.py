@@ -51,10 +51,26 @@ _MODEL_TYPES = ("llava", "llava_llama")
 _SELECT_FEATURE = {"patch": ("default", 0), "cls_patch": ("full", 1)}
 # Llama fields of the original config.json that the text config keeps (the rest are LLaVA's).
 _TEXT_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-    "rope_theta", "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias", "tie_word_embeddings",
-    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "attention_bias",
+    "mlp_bias",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
 )
 
 
@@ -63,9 +79,18 @@ def _dtype_codes() -> dict:
     """torch dtype -> safetensors' name for it."""
     import torch
 
-    return {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-            torch.bool: "BOOL"}
+    return {
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.float32: "F32",
+        torch.float64: "F64",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
+    }
 
 
 class LayoutError(ValueError):
@@ -73,6 +98,7 @@ class LayoutError(ValueError):
 
 
 # --- reading weights, one tensor at a time --------------------------------------------------------
+
 
 class WeightFiles:
     """The tensors of a checkpoint folder by name, each loaded only when asked for.
@@ -122,8 +148,10 @@ class WeightFiles:
 def weight_files(folder: Path) -> list[Path]:
     """The files holding a checkpoint's weights: as its index lists them, else by name. safetensors
     first (a folder may hold both formats); other .bin files (training_args.bin) are not weights."""
-    for index, pattern in (("model.safetensors.index.json", "*.safetensors"),
-                           ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
+    for index, pattern in (
+        ("model.safetensors.index.json", "*.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
+    ):
         if (folder / index).is_file():
             return sorted({folder / f for f in json.loads((folder / index).read_text())["weight_map"].values()})
         if found := sorted(folder.glob(pattern)):
@@ -139,6 +167,7 @@ def _dtype_of(code: str) -> torch.dtype:
 
 
 # --- writing weights, one tensor at a time --------------------------------------------------------
+
 
 @dataclass
 class OutTensor:
@@ -168,8 +197,11 @@ def write_shards(tensors: list[OutTensor], out: Path, max_shard_bytes: int) -> l
             size = 0
         shards[-1].append(t)
         size += t.nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     weight_map = {}
     for file, shard in zip(names, shards, strict=True):
         _write_safetensors(out / file, shard)
@@ -188,8 +220,11 @@ def _write_safetensors(path: Path, tensors: list[OutTensor]) -> None:
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": _dtype_codes()[t.dtype], "shape": t.shape,
-                          "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {
+            "dtype": _dtype_codes()[t.dtype],
+            "shape": t.shape,
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned
@@ -223,7 +258,7 @@ _DROPPED = (".rotary_emb.inv_freq", ".position_ids")
 def _rename(name: str) -> str | None:
     for old, new in _RENAMES:
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return None
 
 
@@ -236,19 +271,29 @@ def check_layout(config: dict, src: Path) -> None:
         raise LayoutError(
             f"{src}: unknown layout (architectures={arch}, model_type={model_type!r}); this converter reads the "
             f"original LLaVA code layout: architectures=['{_ARCHITECTURE}'], model_type 'llava' or 'llava_llama' "
-            "(LLaVA-1.5, DualFocus-LLaVA-1.5-7B/13B, DualFocus-ShareGPT4V-13B)")
+            "(LLaVA-1.5, DualFocus-LLaVA-1.5-7B/13B, DualFocus-ShareGPT4V-13B)"
+        )
     checks = [
         (config.get("mm_vision_tower") or config.get("vision_tower"), "has no mm_vision_tower: not a LLaVA checkpoint"),
-        (config.get("mm_projector_type", "linear") == "mlp2x_gelu",
-         f"mm_projector_type {config.get('mm_projector_type', 'linear')!r} is not supported: vLLM's LLaVA has "
-         "LLaVA-1.5's projector, 'mlp2x_gelu'"),
-        (config.get("mm_vision_select_feature", "patch") in _SELECT_FEATURE,
-         f"mm_vision_select_feature {config.get('mm_vision_select_feature')!r} is not one of {list(_SELECT_FEATURE)}"),
-        (not config.get("mm_use_im_start_end"),
-         "mm_use_im_start_end is true: images wrapped in <im_start>/<im_end> tokens are not supported"),
-        (config.get("image_aspect_ratio") == "pad",
-         f"image_aspect_ratio {config.get('image_aspect_ratio')!r}: only LLaVA-1.5's 'pad' (pad to a square, "
-         "then one 336 px image) is what the served model does"),
+        (
+            config.get("mm_projector_type", "linear") == "mlp2x_gelu",
+            f"mm_projector_type {config.get('mm_projector_type', 'linear')!r} is not supported: vLLM's LLaVA has "
+            "LLaVA-1.5's projector, 'mlp2x_gelu'",
+        ),
+        (
+            config.get("mm_vision_select_feature", "patch") in _SELECT_FEATURE,
+            f"mm_vision_select_feature {config.get('mm_vision_select_feature')!r} "
+            f"is not one of {list(_SELECT_FEATURE)}",
+        ),
+        (
+            not config.get("mm_use_im_start_end"),
+            "mm_use_im_start_end is true: images wrapped in <im_start>/<im_end> tokens are not supported",
+        ),
+        (
+            config.get("image_aspect_ratio") == "pad",
+            f"image_aspect_ratio {config.get('image_aspect_ratio')!r}: only LLaVA-1.5's 'pad' (pad to a square, "
+            "then one 336 px image) is what the served model does",
+        ),
     ]
     for ok, problem in checks:
         if not ok:
@@ -276,13 +321,20 @@ def _image_processor(folder: Path, image_size: int):
         return CLIPImageProcessor.from_pretrained(folder)
     # CLIP's own settings, as LLaVA-1.5 uses them.
     return CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
     )
 
 
-def convert(src: str | Path, dst: str | Path, vision_tower: str | Path | None = None,
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES, log: Callable[[str], None] = print) -> Path:
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    vision_tower: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Convert the original-layout checkpoint in `src` into `dst` (a new folder). Returns dst.
     Everything is checked before anything is written; LayoutError says what does not fit."""
     from transformers import AddedToken
@@ -327,21 +379,35 @@ def convert(src: str | Path, dst: str | Path, vision_tower: str | Path | None = 
         tokenizer.save_pretrained(tmp)
         _image_processor(tower, vision.image_size).save_pretrained(tmp)
         # Only the special ids: the original's sampling defaults (if any) must not become vLLM's.
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}, indent=1))
-        (tmp / "dualfocus-convert.json").write_text(json.dumps({
-            "source": str(src), "vision_tower": str(tower), "image_token": IMAGE_TOKEN, "image_token_index": image_id,
-            "vocab_size": {"source": vocab, "converted": new_vocab},
-            "rows_added": "mean of the existing rows" if new_vocab > vocab else None, "shards": shards,
-        }, indent=1))
+        (tmp / "generation_config.json").write_text(
+            json.dumps(
+                {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}, indent=1
+            )
+        )
+        (tmp / "dualfocus-convert.json").write_text(
+            json.dumps(
+                {
+                    "source": str(src),
+                    "vision_tower": str(tower),
+                    "image_token": IMAGE_TOKEN,
+                    "image_token_index": image_id,
+                    "vocab_size": {"source": vocab, "converted": new_vocab},
+                    "rows_added": "mean of the existing rows" if new_vocab > vocab else None,
+                    "shards": shards,
+                },
+                indent=1,
+            )
+        )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if dst.exists():
         dst.rmdir()  # empty, checked above
     tmp.rename(dst)
-    log(f"wrote {dst}: {len(shards)} shard(s), image token {IMAGE_TOKEN} = {image_id}, "
-        f"vocabulary {vocab} -> {new_vocab}")
+    log(
+        f"wrote {dst}: {len(shards)} shard(s), image token {IMAGE_TOKEN} = {image_id}, "
+        f"vocabulary {vocab} -> {new_vocab}"
+    )
     return dst
 
 
@@ -357,15 +423,19 @@ def _find_tower(config: dict, vision_tower: str | Path | None):
         raise LayoutError(
             f"the vision tower {name!r} is needed (for its config, and its weights unless the checkpoint has "
             f"them): download it, e.g. `hf download {name} --local-dir clip`, and pass "
-            "--vision-tower clip" + (f" ({tower} has no config.json)" if vision_tower else ""))
+            "--vision-tower clip" + (f" ({tower} has no config.json)" if vision_tower else "")
+        )
     return tower, _vision_config(tower)
 
 
 def _plan(src: Path, weights: WeightFiles, tower_weights: WeightFiles) -> dict[str, tuple[WeightFiles, str]]:
     """Output name -> (files, source name). The tower folder's vision weights first; any in the
     checkpoint replace them, as the original code loads the checkpoint over the tower."""
-    plan = {"vision_tower." + name: (tower_weights, name) for name in tower_weights.names()
-            if name.startswith("vision_model.") and not name.endswith(_DROPPED)}
+    plan = {
+        "vision_tower." + name: (tower_weights, name)
+        for name in tower_weights.names()
+        if name.startswith("vision_model.") and not name.endswith(_DROPPED)
+    }
     unknown = []
     for name in weights.names():
         if name.endswith(_DROPPED):
@@ -376,8 +446,10 @@ def _plan(src: Path, weights: WeightFiles, tower_weights: WeightFiles) -> dict[s
         else:
             plan[new] = (weights, name)
     if unknown:
-        raise LayoutError(f"{src}: tensors this converter does not know (not LLaVA-1.5's layout?): "
-                          f"{', '.join(sorted(unknown)[:5])}{' ...' if len(unknown) > 5 else ''}")
+        raise LayoutError(
+            f"{src}: tensors this converter does not know (not LLaVA-1.5's layout?): "
+            f"{', '.join(sorted(unknown)[:5])}{' ...' if len(unknown) > 5 else ''}"
+        )
     return plan
 
 
@@ -385,8 +457,10 @@ def _check_shapes(plan: dict, config: dict, vision, src: Path) -> None:
     """The tensors vLLM's LLaVA cannot do without, with shapes that make one model."""
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     if config.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
-        raise LayoutError(f"mm_hidden_size {config['mm_hidden_size']} differs from the vision tower's hidden size "
-                          f"{vision.hidden_size}: wrong --vision-tower?")
+        raise LayoutError(
+            f"mm_hidden_size {config['mm_hidden_size']} differs from the vision tower's hidden size "
+            f"{vision.hidden_size}: wrong --vision-tower?"
+        )
     required = {
         "language_model.model.embed_tokens.weight": [vocab, hidden],
         "language_model.model.norm.weight": [hidden],
@@ -394,8 +468,12 @@ def _check_shapes(plan: dict, config: dict, vision, src: Path) -> None:
         "multi_modal_projector.linear_1.bias": [hidden],
         "multi_modal_projector.linear_2.weight": [hidden, hidden],
         "multi_modal_projector.linear_2.bias": [hidden],
-        "vision_tower.vision_model.embeddings.patch_embedding.weight":
-            [vision.hidden_size, vision.num_channels, vision.patch_size, vision.patch_size],
+        "vision_tower.vision_model.embeddings.patch_embedding.weight": [
+            vision.hidden_size,
+            vision.num_channels,
+            vision.patch_size,
+            vision.patch_size,
+        ],
         **({} if config.get("tie_word_embeddings") else {"language_model.lm_head.weight": [vocab, hidden]}),
     }
     for name, shape in required.items():
@@ -416,10 +494,14 @@ def _llava_config(config: dict, vision, image_id: int, vocab: int):
     text = LlamaConfig(**{k: config[k] for k in _TEXT_FIELDS if k in config})
     text.vocab_size = vocab
     llava = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=image_id,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_id,
         image_seq_length=(vision.image_size // vision.patch_size) ** 2 + extra_tokens,
         vision_feature_layer=config.get("mm_vision_select_layer", -2),
-        vision_feature_select_strategy=select_strategy, projector_hidden_act="gelu", multimodal_projector_bias=True,
+        vision_feature_select_strategy=select_strategy,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
         tie_word_embeddings=config.get("tie_word_embeddings", False),
     )
     llava.architectures = ["LlavaForConditionalGeneration"]
@@ -443,8 +525,9 @@ def _load_tokenizer(src: Path):
     try:
         return LlamaTokenizer.from_pretrained(src, legacy=tokenizer_config.get("legacy", True))
     except (OSError, ValueError, TypeError) as e:
-        raise LayoutError(f"cannot load the Llama tokenizer in {src} (tokenizer.model or tokenizer.json): "
-                          f"{e}") from None
+        raise LayoutError(
+            f"cannot load the Llama tokenizer in {src} (tokenizer.model or tokenizer.json): {e}"
+        ) from None
 
 
 def _with_mean_rows(load: Callable[[], torch.Tensor], rows: int) -> Callable[[], torch.Tensor]:
@@ -460,25 +543,35 @@ def _with_mean_rows(load: Callable[[], torch.Tensor], rows: int) -> Callable[[],
 
 # --- command line -----------------------------------------------------------------------------------
 
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "convert-llava",
         help="convert a checkpoint in the original LLaVA layout (DualFocus-LLaVA-1.5-7B/13B, DualFocus-ShareGPT4V-13B) "
-             "into the layout vLLM loads",
+        "into the layout vLLM loads",
         description="Convert a checkpoint in haotian-liu/LLaVA's layout (LlavaLlamaForCausalLM, model.mm_projector.*, "
-                    "a CLIP ViT-L/14-336 tower named by mm_vision_tower, image_aspect_ratio 'pad') into vLLM's "
-                    "LlavaForConditionalGeneration layout, with an <image> token and the vicuna_v1 chat template. "
-                    "Streams tensor by tensor: memory stays around the largest tensor. Serve the result with "
-                    "`dualfocus serve --model DST`.")
-    p.add_argument("src", help="the original checkpoint folder (config.json, *.safetensors or pytorch_model*.bin, "
-                               "tokenizer)")
+        "a CLIP ViT-L/14-336 tower named by mm_vision_tower, image_aspect_ratio 'pad') into vLLM's "
+        "LlavaForConditionalGeneration layout, with an <image> token and the vicuna_v1 chat template. "
+        "Streams tensor by tensor: memory stays around the largest tensor. Serve the result with "
+        "`dualfocus serve --model DST`.",
+    )
+    p.add_argument(
+        "src", help="the original checkpoint folder (config.json, *.safetensors or pytorch_model*.bin, tokenizer)"
+    )
     p.add_argument("dst", help="the folder to write (must not exist, or be empty)")
-    p.add_argument("--vision-tower", metavar="PATH",
-                   help="a local copy of the CLIP tower the checkpoint names in mm_vision_tower "
-                        "(openai/clip-vit-large-patch14-336); needed unless mm_vision_tower is itself a local folder. "
-                        "Tower weights stored in the checkpoint, if any, take precedence, as in the original code")
-    p.add_argument("--max-shard-gib", type=float, default=DEFAULT_SHARD_BYTES / (1 << 30),
-                   help="largest output shard (default: %(default)s)")
+    p.add_argument(
+        "--vision-tower",
+        metavar="PATH",
+        help="a local copy of the CLIP tower the checkpoint names in mm_vision_tower "
+        "(openai/clip-vit-large-patch14-336); needed unless mm_vision_tower is itself a local folder. "
+        "Tower weights stored in the checkpoint, if any, take precedence, as in the original code",
+    )
+    p.add_argument(
+        "--max-shard-gib",
+        type=float,
+        default=DEFAULT_SHARD_BYTES / (1 << 30),
+        help="largest output shard (default: %(default)s)",
+    )
     p.set_defaults(func=run)
 
 

@@ -30,8 +30,9 @@ class DualFocusEngine:
         self.adapter = adapter
         self.config = config
         self.runner = PassRunner(llm, adapter.box_regex, config.box_max_tokens, config.data_parallel_size)
-        self.model_info = ModelInfo(model=llm.model_config.model, family=adapter.name,
-                                    max_model_len=llm.model_config.max_model_len)
+        self.model_info = ModelInfo(
+            model=llm.model_config.model, family=adapter.name, max_model_len=llm.model_config.max_model_len
+        )
 
     @classmethod
     def create(cls, config: EngineConfig) -> DualFocusEngine:
@@ -39,8 +40,12 @@ class DualFocusEngine:
 
         llm = AsyncLLM.from_engine_args(config.engine_args())
         model_config = llm.model_config
-        adapter = make_adapter(config.family, model_config.hf_config.model_type, llm.tokenizer,
-                               dict(model_config.hf_image_processor_config or {}))
+        adapter = make_adapter(
+            config.family,
+            model_config.hf_config.model_type,
+            llm.tokenizer,
+            dict(model_config.hf_image_processor_config or {}),
+        )
         log.info("engine ready: model=%s family=%s", model_config.model, adapter.name)
         return cls(llm, adapter, config)
 
@@ -71,9 +76,13 @@ class DualFocusEngine:
     def shutdown(self) -> None:
         self.runner.shutdown()
 
-    async def answer(self, query: Query, request_id: str | None = None,
-                     on_text: Callable[[str], None] | None = None,
-                     started: asyncio.Event | None = None) -> Result:
+    async def answer(
+        self,
+        query: Query,
+        request_id: str | None = None,
+        on_text: Callable[[str], None] | None = None,
+        started: asyncio.Event | None = None,
+    ) -> Result:
         """Run one request to its answer and trace. Cancel the task to abort all its passes.
 
         `on_text` receives the answer's text so far while it is generated; only a

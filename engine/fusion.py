@@ -70,8 +70,11 @@ def decide(question: Question, macro: str, micro: str) -> Decision:
         if a and b:
             if a == b:
                 return Decision("same", f"both answers are option {a}")
-            return Decision(None, "both answers are valid options; their option texts are scored",
-                            {"macro": question.options[a], "micro": question.options[b]})
+            return Decision(
+                None,
+                "both answers are valid options; their option texts are scored",
+                {"macro": question.options[a], "micro": question.options[b]},
+            )
         if a or b:
             return Decision("macro" if a else "micro", f"only the {'macro' if a else 'micro'} answer is a valid option")
         return Decision("macro", "neither answer is a valid option")

@@ -28,8 +28,9 @@ from .runner import PRIORITY_NEW, PRIORITY_STARTED, ModelImage, PassOutput, Pass
 from .trace import BoxTrace, CropTrace, Result, StageStats, Trace
 
 
-async def run_dualfocus(runner: PassRunner, adapter: FamilyAdapter, query: Query, request_id: str,
-                        started: asyncio.Event) -> Result:
+async def run_dualfocus(
+    runner: PassRunner, adapter: FamilyAdapter, query: Query, request_id: str, started: asyncio.Event
+) -> Result:
     original = query.image
     assert original is not None, "DualFocus needs an image (Query.runs_as)"
     width, height = original.size
@@ -47,30 +48,49 @@ async def run_dualfocus(runner: PassRunner, adapter: FamilyAdapter, query: Query
     async with _tasks() as tasks:
         # 1-2. Box first: it is on the critical path. The macro pass waits for the box
         # prompt to be prefilled (`started`), then reuses its cached image prefix.
-        box_task = tasks.create_task(runner.generate(box_prompt, [full], runner.box_params(), f"{request_id}-box",
-                                                     PRIORITY_NEW, started=started))
+        box_task = tasks.create_task(
+            runner.generate(box_prompt, [full], runner.box_params(), f"{request_id}-box", PRIORITY_NEW, started=started)
+        )
         await _first_of(started, box_task)
-        macro_task = tasks.create_task(runner.generate(adapter.macro_prompt(query.question), [full], answer_params(),
-                                                       f"{request_id}-macro", PRIORITY_STARTED))
+        macro_task = tasks.create_task(
+            runner.generate(
+                adapter.macro_prompt(query.question), [full], answer_params(), f"{request_id}-macro", PRIORITY_STARTED
+            )
+        )
         box = await box_task
 
         # 3. Crop.
         parsed = adapter.parse_box(box.text, width, height)
         plan = plan_crop(parsed.pixels, width, height) if parsed else None
-        box_trace = BoxTrace(box.text, parsed.normalized if parsed else None,
-                             _rounded(sorted_box(parsed.pixels)) if parsed else None,
-                             plan.outcome if plan else "unparsed")
+        box_trace = BoxTrace(
+            box.text,
+            parsed.normalized if parsed else None,
+            _rounded(sorted_box(parsed.pixels)) if parsed else None,
+            plan.outcome if plan else "unparsed",
+        )
 
         # 4. Micro pass, if there is a crop to look at.
         if plan is not None and plan.rect is not None:
             crop = ModelImage.of(adapter.model_image(original.crop(plan.rect)))
             crop_trace = CropTrace(plan.rect)
-            micro = await runner.generate(adapter.micro_prompt(box_prompt, box.token_ids, query.question),
-                                          [full, crop], answer_params(), f"{request_id}-micro", PRIORITY_STARTED)
+            micro = await runner.generate(
+                adapter.micro_prompt(box_prompt, box.token_ids, query.question),
+                [full, crop],
+                answer_params(),
+                f"{request_id}-micro",
+                PRIORITY_STARTED,
+            )
         macro = await macro_task
 
-    trace = Trace(mode="dualfocus", chosen="macro", why="", macro_answer=macro.text, box=box_trace, crop=crop_trace,
-                  stages={"macro": macro.stats(), "box": box.stats()})
+    trace = Trace(
+        mode="dualfocus",
+        chosen="macro",
+        why="",
+        macro_answer=macro.text,
+        box=box_trace,
+        crop=crop_trace,
+        stages={"macro": macro.stats(), "box": box.stats()},
+    )
     if micro is None or crop is None:
         trace.why = f"no micro pass: box {box_trace.outcome}"
         return Result(macro.text, macro.finish_reason, trace)
@@ -90,8 +110,10 @@ async def run_dualfocus(runner: PassRunner, adapter: FamilyAdapter, query: Query
             for name, text in decision.candidates.items()
         }
         async with _tasks() as tasks:
-            scored = {name: tasks.create_task(runner.score(prefix, [full, crop], ids, f"{request_id}-score-{name}"))
-                      for name, ids in replies.items()}
+            scored = {
+                name: tasks.create_task(runner.score(prefix, [full, crop], ids, f"{request_id}-score-{name}"))
+                for name, ids in replies.items()
+            }
         trace.scores = {name: task.result()[0] for name, task in scored.items()}
         trace.chosen, trace.why = pick_by_score(trace.scores)
         fusion = sum((task.result()[1] for task in scored.values()), StageStats())
@@ -101,13 +123,25 @@ async def run_dualfocus(runner: PassRunner, adapter: FamilyAdapter, query: Query
     return Result(chosen.text, chosen.finish_reason, trace)
 
 
-async def run_single_pass(runner: PassRunner, adapter: FamilyAdapter, query: Query, request_id: str,
-                          started: asyncio.Event, on_text: Callable[[str], None] | None = None) -> Result:
+async def run_single_pass(
+    runner: PassRunner,
+    adapter: FamilyAdapter,
+    query: Query,
+    request_id: str,
+    started: asyncio.Event,
+    on_text: Callable[[str], None] | None = None,
+) -> Result:
     """Macro mode, or a text-only request: one plain pass."""
     images = [ModelImage.of(adapter.model_image(query.image))] if query.image is not None else []
-    out = await runner.generate(adapter.macro_prompt(query.question, with_image=bool(images)), images,
-                                runner.answer_params(query.sampling), f"{request_id}-macro", PRIORITY_NEW,
-                                started=started, on_text=on_text)
+    out = await runner.generate(
+        adapter.macro_prompt(query.question, with_image=bool(images)),
+        images,
+        runner.answer_params(query.sampling),
+        f"{request_id}-macro",
+        PRIORITY_NEW,
+        started=started,
+        on_text=on_text,
+    )
     why = "macro mode: one pass" if images else "no image: one plain pass"
     trace = Trace(mode="macro", chosen="macro", why=why, macro_answer=out.text, stages={"macro": out.stats()})
     return Result(out.text, out.finish_reason, trace)
@@ -118,8 +152,9 @@ class _tasks(asyncio.TaskGroup):
     callers see vLLM's own exceptions. Leaving it (by error or cancellation) cancels
     every pass still running, which aborts them in vLLM."""
 
-    async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             await super().__aexit__(et, exc, tb)
         except BaseExceptionGroup as group:

@@ -43,9 +43,13 @@ class EngineClient(Protocol):
 
     def counters(self) -> EngineCounters: ...
 
-    async def answer(self, query: Query, request_id: str | None = None,
-                     on_text: Callable[[str], None] | None = None,
-                     started: asyncio.Event | None = None) -> Result:
+    async def answer(
+        self,
+        query: Query,
+        request_id: str | None = None,
+        on_text: Callable[[str], None] | None = None,
+        started: asyncio.Event | None = None,
+    ) -> Result:
         """Run one request to its answer and trace; cancel the task to abort it.
 
         `on_text` receives the answer's text so far while it is generated (single-pass

@@ -119,30 +119,47 @@ class PassRunner:
         """Fresh parameters for an answer pass (vLLM takes ownership of the ones it is given)."""
         from vllm import SamplingParams
 
-        return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                              seed=s.seed, stop=s.stop or None)
+        return SamplingParams(
+            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop=s.stop or None
+        )
 
     def box_params(self) -> Any:
         """A box pass: greedy, under the family's box grammar."""
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
-        return SamplingParams(max_tokens=self.box_max_tokens, temperature=0.0,
-                              structured_outputs=StructuredOutputsParams(regex=self.box_regex))
+        return SamplingParams(
+            max_tokens=self.box_max_tokens,
+            temperature=0.0,
+            structured_outputs=StructuredOutputsParams(regex=self.box_regex),
+        )
 
     def _scoring_params(self, read_cache: bool) -> Any:
         from vllm import SamplingParams
 
         # flat_logprobs: vLLM builds a row per prompt position (over a thousand here); flat
         # lists instead of a dict per row cut that cost in the front end by half or more.
-        return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
-                              skip_reading_prefix_cache=not read_cache, flat_logprobs=True)
+        return SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=0,
+            detokenize=False,
+            skip_reading_prefix_cache=not read_cache,
+            flat_logprobs=True,
+        )
 
     # --- passes -----------------------------------------------------------------------------
 
-    async def generate(self, prompt_ids: list[int], images: list[ModelImage], params: Any, request_id: str,
-                       priority: int, started: asyncio.Event | None = None,
-                       on_text: Callable[[str], None] | None = None) -> PassOutput:
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        images: list[ModelImage],
+        params: Any,
+        request_id: str,
+        priority: int,
+        started: asyncio.Event | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> PassOutput:
         """Run one sequence to completion. `started` is set when its first token arrives,
         that is, when its prompt is in the KV cache for others to reuse; `on_text` gets
         the text so far at every step.
@@ -157,15 +174,23 @@ class PassRunner:
         if out.finish_reason == "error" and not (on_text is not None and out.text):
             self.retries += 1
             log.warning("pass %s failed in the engine; retrying once", request_id)
-            out = await self._generate_once(prompt_ids, images, params, request_id + "-retry", priority,
-                                            started, on_text)
+            out = await self._generate_once(
+                prompt_ids, images, params, request_id + "-retry", priority, started, on_text
+            )
         if out.finish_reason == "error":
             raise RetryableEngineError("the engine failed this request twice; please retry")
         return out
 
-    async def _generate_once(self, prompt_ids: list[int], images: list[ModelImage], params: Any, request_id: str,
-                             priority: int, started: asyncio.Event | None,
-                             on_text: Callable[[str], None] | None) -> PassOutput:
+    async def _generate_once(
+        self,
+        prompt_ids: list[int],
+        images: list[ModelImage],
+        params: Any,
+        request_id: str,
+        priority: int,
+        started: asyncio.Event | None,
+        on_text: Callable[[str], None] | None,
+    ) -> PassOutput:
         from vllm.sampling_params import RequestOutputKind
 
         prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids}
@@ -177,8 +202,9 @@ class PassRunner:
         t0 = time.perf_counter()
         final = None
         try:
-            async for out in self.llm.generate(prompt, params, request_id, priority=priority,
-                                               data_parallel_rank=_DATA_PARALLEL_RANK.get()):
+            async for out in self.llm.generate(
+                prompt, params, request_id, priority=priority, data_parallel_rank=_DATA_PARALLEL_RANK.get()
+            ):
                 final = out
                 if started is not None:
                     started.set()
@@ -199,8 +225,9 @@ class PassRunner:
             prompt_logprobs=final.prompt_logprobs,
         )
 
-    async def score(self, prefix_ids: list[int], images: list[ModelImage], reply_ids: list[int],
-                    request_id: str) -> tuple[float, StageStats]:
+    async def score(
+        self, prefix_ids: list[int], images: list[ModelImage], reply_ids: list[int], request_id: str
+    ) -> tuple[float, StageStats]:
         """Mean negative log-likelihood of `reply_ids` as the reply after `prefix_ids`.
 
         One prefill with prompt logprobs that reads the prefix cache, so the shared
@@ -213,15 +240,21 @@ class PassRunner:
         """
         if not reply_ids:
             raise ValueError("an empty reply cannot be scored")
-        out = await self.generate(prefix_ids + reply_ids, images, self._scoring_params(read_cache=True),
-                                  request_id, PRIORITY_STARTED)
+        out = await self.generate(
+            prefix_ids + reply_ids, images, self._scoring_params(read_cache=True), request_id, PRIORITY_STARTED
+        )
         stats = out.stats()
         first = len(out.prompt_token_ids) - len(reply_ids)  # position of the reply's first token
         # The logprob of token p comes from position p - 1, computed only if not cached.
         if out.cached_tokens > first - 1:
             self.scoring_recomputes += 1
-            out = await self.generate(prefix_ids + reply_ids, images, self._scoring_params(read_cache=False),
-                                      request_id + "-nocache", PRIORITY_STARTED)
+            out = await self.generate(
+                prefix_ids + reply_ids,
+                images,
+                self._scoring_params(read_cache=False),
+                request_id + "-nocache",
+                PRIORITY_STARTED,
+            )
             stats = stats + out.stats()
         assert out.prompt_logprobs is not None  # asked for with prompt_logprobs=0
         rows = out.prompt_logprobs[first:]

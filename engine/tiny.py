@@ -56,8 +56,7 @@ def _is_intact(path: Path) -> bool:
         return False
     files = manifest.get("files", {})
     return bool(files) and all(
-        (path / name).is_file() and _digest(path / name) == digest
-        for name, digest in files.items()
+        (path / name).is_file() and _digest(path / name) == digest for name, digest in files.items()
     )
 
 
@@ -125,6 +124,7 @@ def _seeded():
 
 # --- tiny-llava ------------------------------------------------------------------------------
 
+
 def _build_llava(out: Path) -> None:
     from transformers import (
         CLIPImageProcessor,
@@ -138,54 +138,91 @@ def _build_llava(out: Path) -> None:
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     tok = _train_tokenizer(specials, vocab_size=1024)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
     )
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
     vocab = len(tokenizer)
     # CLIP at 336 px / patch 14: 24 x 24 = 576 image tokens, as LLaVA-1.5 has.
     vision = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        image_size=336, patch_size=14, projection_dim=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=336,
+        patch_size=14,
+        projection_dim=64,
     )
     # head_dim 64: the CPU paged attention rejects 16.
     text = LlamaConfig(
-        vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3, initializer_range=_TEXT_INIT_STD,
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        initializer_range=_TEXT_INIT_STD,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=576,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
     )
     config.architectures = ["LlavaForConditionalGeneration"]
     config.dtype = "bfloat16"  # what vLLM's CPU backend computes in
     torch = _seeded()
     model = LlavaForConditionalGeneration(config).to(torch.bfloat16).eval()
-    _save_with_vllm_names(model, out, {"model.vision_tower.": "vision_tower.vision_model.",
-                                       "model.multi_modal_projector.": "multi_modal_projector.",
-                                       "model.language_model.": "language_model.model.",
-                                       "lm_head.": "language_model.lm_head."})
+    _save_with_vllm_names(
+        model,
+        out,
+        {
+            "model.vision_tower.": "vision_tower.vision_model.",
+            "model.multi_modal_projector.": "multi_modal_projector.",
+            "model.language_model.": "language_model.model.",
+            "lm_head.": "language_model.lm_head.",
+        },
+    )
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     # LLaVA-1.5 pads to a square itself (engine/families/llava.py); the CLIP
     # processor then resizes and centre-crops a square, which keeps all of it.
     CLIPImageProcessor(
-        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
     ).save_pretrained(out)
     _write_generation_config(out, eos_token_id=2, bos_token_id=1, pad_token_id=3)
 
 
 # --- tiny-qwen2-vl ---------------------------------------------------------------------------
 
+
 def _build_qwen2_vl(out: Path) -> None:
     from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     specials = [
-        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-        "<|image_pad|>", "<|video_pad|>", "<|box_start|>", "<|box_end|>",
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+        "<|box_start|>",
+        "<|box_end|>",
     ]
     tok = _train_tokenizer(specials, vocab_size=1024)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
@@ -193,17 +230,33 @@ def _build_qwen2_vl(out: Path) -> None:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+            vocab_size=len(tokenizer),
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
             initializer_range=_TEXT_INIT_STD,
             # head_dim 64 -> rotary half-dim 32, split over (time, height, width).
             rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
         ),
-        vision_config=dict(depth=2, embed_dim=64, hidden_size=256, num_heads=4, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        vision_config=dict(
+            depth=2,
+            embed_dim=64,
+            hidden_size=256,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
     )
     config.architectures = ["Qwen2VLForConditionalGeneration"]
     config.dtype = "bfloat16"
@@ -214,8 +267,9 @@ def _build_qwen2_vl(out: Path) -> None:
     tokenizer.save_pretrained(out)
     # At most 576 merged image tokens per image, like tiny-llava.
     Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=576 * 28 * 28).save_pretrained(out)
-    _write_generation_config(out, eos_token_id=ids["<|im_end|>"], bos_token_id=ids["<|endoftext|>"],
-                             pad_token_id=ids["<|endoftext|>"])
+    _write_generation_config(
+        out, eos_token_id=ids["<|im_end|>"], bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"]
+    )
 
 
 def _save_with_vllm_names(model, out: Path, renames: dict[str, str]) -> None:
@@ -226,7 +280,7 @@ def _save_with_vllm_names(model, out: Path, renames: dict[str, str]) -> None:
     for key, tensor in model.state_dict().items():
         for old, new in renames.items():
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         state[key] = tensor.detach().contiguous().clone()
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})

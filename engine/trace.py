@@ -28,8 +28,12 @@ class StageStats:
 
     def __add__(self, other: StageStats) -> StageStats:
         """Two passes' costs together (their times added: passes run one after the other)."""
-        return StageStats(self.ms + other.ms, self.prompt_tokens + other.prompt_tokens,
-                          self.cached_tokens + other.cached_tokens, self.completion_tokens + other.completion_tokens)
+        return StageStats(
+            self.ms + other.ms,
+            self.prompt_tokens + other.prompt_tokens,
+            self.cached_tokens + other.cached_tokens,
+            self.completion_tokens + other.completion_tokens,
+        )
 
 
 @dataclass
@@ -88,5 +92,6 @@ class Result:
     def usage(self) -> Usage:
         """Summed over every pass the request ran (what it cost the engine)."""
         s = self.trace.stages.values()
-        return Usage(sum(x.prompt_tokens for x in s), sum(x.cached_tokens for x in s),
-                     sum(x.completion_tokens for x in s))
+        return Usage(
+            sum(x.prompt_tokens for x in s), sum(x.cached_tokens for x in s), sum(x.completion_tokens for x in s)
+        )

@@ -36,8 +36,9 @@ EngineSource = EngineClient | Callable[[], EngineClient]
 EngineFailureHandler = Callable[[Literal["start", "died"]], None]
 
 
-def create_app(settings: ServerSettings, engine: EngineSource,
-               on_engine_failure: EngineFailureHandler | None = None) -> FastAPI:
+def create_app(
+    settings: ServerSettings, engine: EngineSource, on_engine_failure: EngineFailureHandler | None = None
+) -> FastAPI:
     """The app over `engine`. An engine the app built from a factory is shut down with the app;
     one handed in ready belongs to the caller. Without `on_engine_failure`, a failed engine
     leaves the app answering 503."""
@@ -62,8 +63,8 @@ def create_app(settings: ServerSettings, engine: EngineSource,
     app.state.engine_failed = False  # it failed to start
     app.state.inflight = 0
     app.state.metrics = ServerMetrics(
-        settings.max_inflight_requests,
-        lambda: app.state.engine.counters() if app.state.engine is not None else None)
+        settings.max_inflight_requests, lambda: app.state.engine.counters() if app.state.engine is not None else None
+    )
     install_error_handlers(app)
 
     app.add_middleware(RequestIdAndBodyLimit, max_body_bytes=settings.max_body_bytes)

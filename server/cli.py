@@ -31,38 +31,64 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI chat completions API (DualFocus for requests with an image)")
     p.add_argument("--host", default=d.host, help="default: %(default)s")
     p.add_argument("--port", type=int, default=d.port, help="default: %(default)s")
-    p.add_argument("--api-key", default=os.environ.get("DUALFOCUS_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $DUALFOCUS_API_KEY, else none)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("DUALFOCUS_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $DUALFOCUS_API_KEY, else none)",
+    )
     p.add_argument("--served-model-name", help="the model name clients send (default: the --model value)")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="default: %(default)s")
     p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes, help="default: %(default)s")
-    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
-                   help="checked from the image header before decoding (default: %(default)s)")
-    p.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request,
-                   help="default: %(default)s")
-    p.add_argument("--allowed-image-domains", default="",
-                   help="comma-separated hosts (and their subdomains) http(s) image URLs may come from; "
-                        "non-public addresses are refused whatever the list (default: none, http(s) off)")
-    p.add_argument("--allowed-local-media-path",
-                   help="folder file:// image URLs may read from (default: none, file:// off)")
-    p.add_argument("--max-inflight-requests", type=int, default=d.max_inflight_requests,
-                   help="beyond this, 429 with Retry-After (default: %(default)s)")
-    p.add_argument("--drain-seconds", type=float, default=d.drain_seconds,
-                   help="on SIGTERM, how long in-flight requests may finish (default: %(default)s)")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=d.max_image_pixels,
+        help="checked from the image header before decoding (default: %(default)s)",
+    )
+    p.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request, help="default: %(default)s")
+    p.add_argument(
+        "--allowed-image-domains",
+        default="",
+        help="comma-separated hosts (and their subdomains) http(s) image URLs may come from; "
+        "non-public addresses are refused whatever the list (default: none, http(s) off)",
+    )
+    p.add_argument(
+        "--allowed-local-media-path", help="folder file:// image URLs may read from (default: none, file:// off)"
+    )
+    p.add_argument(
+        "--max-inflight-requests",
+        type=int,
+        default=d.max_inflight_requests,
+        help="beyond this, 429 with Retry-After (default: %(default)s)",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=d.drain_seconds,
+        help="on SIGTERM, how long in-flight requests may finish (default: %(default)s)",
+    )
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    return serve(ServerSettings(
-        engine=engine_config(args), host=args.host, port=args.port, api_key=args.api_key,
-        served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
-        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-        max_images_per_request=args.max_images_per_request,
-        allowed_image_domains=[d.strip().lower() for d in args.allowed_image_domains.split(",") if d.strip()],
-        allowed_local_media_path=args.allowed_local_media_path, max_inflight_requests=args.max_inflight_requests,
-        drain_seconds=args.drain_seconds,
-    ))
+    return serve(
+        ServerSettings(
+            engine=engine_config(args),
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            served_model_name=args.served_model_name,
+            max_body_bytes=args.max_body_bytes,
+            max_image_bytes=args.max_image_bytes,
+            max_image_pixels=args.max_image_pixels,
+            max_images_per_request=args.max_images_per_request,
+            allowed_image_domains=[d.strip().lower() for d in args.allowed_image_domains.split(",") if d.strip()],
+            allowed_local_media_path=args.allowed_local_media_path,
+            max_inflight_requests=args.max_inflight_requests,
+            drain_seconds=args.drain_seconds,
+        )
+    )
 
 
 def serve(settings: ServerSettings) -> int:
@@ -100,8 +126,13 @@ def serve(settings: ServerSettings) -> int:
 
     configure_logging()
     app = create_app(settings, lambda: DualFocusEngine.create(settings.engine), on_engine_failure)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            timeout_graceful_shutdown=int(settings.drain_seconds))
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.drain_seconds),
+    )
     server = Server(config)
     server.run()
     return exit_status

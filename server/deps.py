@@ -23,8 +23,9 @@ def metrics(request: Request) -> ServerMetrics:
     return request.app.state.metrics
 
 
-def require_api_key(request: Request, settings: ServerSettings = Depends(settings),
-                    metrics: ServerMetrics = Depends(metrics)) -> None:
+def require_api_key(
+    request: Request, settings: ServerSettings = Depends(settings), metrics: ServerMetrics = Depends(metrics)
+) -> None:
     if settings.api_key is None:
         return
     header = request.headers.get("authorization", "")
@@ -54,14 +55,19 @@ def ready_engine(request: Request, metrics: ServerMetrics = Depends(metrics)) ->
     return request.app.state.engine
 
 
-async def admit(request: Request, settings: ServerSettings = Depends(settings),
-                metrics: ServerMetrics = Depends(metrics)) -> AsyncIterator[None]:
+async def admit(
+    request: Request, settings: ServerSettings = Depends(settings), metrics: ServerMetrics = Depends(metrics)
+) -> AsyncIterator[None]:
     """At most max_inflight_requests at once; beyond that a polite 429."""
     state = request.app.state
     if state.inflight >= settings.max_inflight_requests:
         metrics.rejected.labels("queue_full").inc()
-        raise APIError(429, f"the server is at its limit of {settings.max_inflight_requests} requests in flight",
-                       code="queue_full", headers={"Retry-After": "1"})
+        raise APIError(
+            429,
+            f"the server is at its limit of {settings.max_inflight_requests} requests in flight",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        )
     state.inflight += 1
     metrics.inflight.set(state.inflight)
     try:

@@ -36,8 +36,20 @@ _EMBEDS_IPV4 = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:
 
 # Why an image was refused: the error code is image_<reason>, and dualfocus_image_errors_total
 # counts by reason (every reason's series exists from the start).
-ImageRefusal = Literal["url", "bad_base64", "too_large", "not_found", "fetch", "host_not_allowed",
-                       "address_not_public", "empty", "not_an_image", "format", "too_many_pixels", "truncated"]
+ImageRefusal = Literal[
+    "url",
+    "bad_base64",
+    "too_large",
+    "not_found",
+    "fetch",
+    "host_not_allowed",
+    "address_not_public",
+    "empty",
+    "not_an_image",
+    "format",
+    "too_many_pixels",
+    "truncated",
+]
 IMAGE_REFUSALS: tuple[ImageRefusal, ...] = get_args(ImageRefusal)
 
 
@@ -54,7 +66,7 @@ def _refuse(reason: ImageRefusal, status: int, message: str) -> ImageRefused:
 async def load_image(url: str, settings: ServerSettings) -> Image.Image:
     """A decoded RGB image from an image_url, or a clear 4xx."""
     if data_url := _DATA_URL.match(url):
-        data = _from_data_url(url[data_url.end():], settings.max_image_bytes)
+        data = _from_data_url(url[data_url.end() :], settings.max_image_bytes)
     elif url.startswith(("http://", "https://")):
         data = await _from_web(url, settings)
     elif url.startswith("file://"):
@@ -146,10 +158,12 @@ async def _checked_request(client: httpx.AsyncClient, url: str, allowed: list[st
         raise _refuse("address_not_public", 400, f"image host {host!r} resolves to a non-public address")
     return client.build_request(
         # Credentials in the URL are not sent on: an image host needs none.
-        "GET", target.copy_with(host=str(addresses[0]), userinfo=b""),
+        "GET",
+        target.copy_with(host=str(addresses[0]), userinfo=b""),
         headers={"Host": parts.netloc.rsplit("@", 1)[-1]},
         # TLS still verifies the certificate against the host name, not the address.
-        extensions={"sni_hostname": host} if parts.scheme == "https" else {})
+        extensions={"sni_hostname": host} if parts.scheme == "https" else {},
+    )
 
 
 def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

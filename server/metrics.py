@@ -28,29 +28,39 @@ class ServerMetrics:
     def __init__(self, max_inflight_requests: int, engine_counters: Callable[[], EngineCounters | None]):
         """`engine_counters` reads the engine's own counts at scrape time (None before it has loaded)."""
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("dualfocus_requests", "Chat completion requests by mode and outcome",
-                                ["mode", "status"], registry=r)
-        self.request_seconds = Histogram("dualfocus_request_seconds", "Request wall time", ["mode"],
-                                         buckets=_LATENCY_BUCKETS, registry=r)
-        self.stage_seconds = Histogram("dualfocus_stage_seconds", "Wall time of a DualFocus stage", ["stage"],
-                                       buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("dualfocus_time_to_first_token_seconds",
-                              "Streamed requests: time from arrival to the first content chunk",
-                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "dualfocus_requests", "Chat completion requests by mode and outcome", ["mode", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "dualfocus_request_seconds", "Request wall time", ["mode"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.stage_seconds = Histogram(
+            "dualfocus_stage_seconds", "Wall time of a DualFocus stage", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.ttft = Histogram(
+            "dualfocus_time_to_first_token_seconds",
+            "Streamed requests: time from arrival to the first content chunk",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.inflight = Gauge("dualfocus_inflight_requests", "Requests admitted and not finished", registry=r)
-        self.max_inflight = Gauge("dualfocus_max_inflight_requests",
-                                  "The in-flight limit beyond which requests get 429", registry=r)
-        self.rejected = Counter("dualfocus_rejected_requests", "Requests refused before they ran, by reason",
-                                ["reason"], registry=r)
-        self.queue_depth = Gauge("dualfocus_queue_depth", "Admitted requests the engine has not started yet",
-                                 registry=r)
-        self.fusion = Counter("dualfocus_fusion_decisions", "Which answer DualFocus returned", ["chosen"],
-                              registry=r)
-        self.box_outcomes = Counter("dualfocus_box_outcomes", "What became of the box pass's box", ["outcome"],
-                                    registry=r)
+        self.max_inflight = Gauge(
+            "dualfocus_max_inflight_requests", "The in-flight limit beyond which requests get 429", registry=r
+        )
+        self.rejected = Counter(
+            "dualfocus_rejected_requests", "Requests refused before they ran, by reason", ["reason"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "dualfocus_queue_depth", "Admitted requests the engine has not started yet", registry=r
+        )
+        self.fusion = Counter("dualfocus_fusion_decisions", "Which answer DualFocus returned", ["chosen"], registry=r)
+        self.box_outcomes = Counter(
+            "dualfocus_box_outcomes", "What became of the box pass's box", ["outcome"], registry=r
+        )
         self.prompt_tokens = Counter("dualfocus_prompt_tokens", "Prompt tokens by stage", ["stage"], registry=r)
-        self.cached_tokens = Counter("dualfocus_cached_prompt_tokens", "Prompt tokens served by the prefix cache",
-                                     ["stage"], registry=r)
+        self.cached_tokens = Counter(
+            "dualfocus_cached_prompt_tokens", "Prompt tokens served by the prefix cache", ["stage"], registry=r
+        )
         self.image_errors = Counter("dualfocus_image_errors", "Images refused", ["reason"], registry=r)
         r.register(_EngineCounterCollector(engine_counters))
 
@@ -96,8 +106,11 @@ class _EngineCounterCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         c = self.counters() or EngineCounters()
-        yield CounterMetricFamily("dualfocus_pass_retries", "Engine passes run again after a retryable vLLM error",
-                                  value=c.retries)
-        yield CounterMetricFamily("dualfocus_scoring_recomputes",
-                                  "Scoring passes re-run without cache reads (the cache held the scored reply)",
-                                  value=c.scoring_recomputes)
+        yield CounterMetricFamily(
+            "dualfocus_pass_retries", "Engine passes run again after a retryable vLLM error", value=c.retries
+        )
+        yield CounterMetricFamily(
+            "dualfocus_scoring_recomputes",
+            "Scoring passes re-run without cache reads (the cache held the scored reply)",
+            value=c.scoring_recomputes,
+        )

@@ -10,6 +10,17 @@ from .harness import Answer, EvalError, ask_all, load_questions, report, summari
 from .scoring import normalize_answer, option_letter, parse_options, question_kind, score, vqa_accuracy
 
 __all__ = [
-    "Answer", "EvalError", "ask_all", "load_questions", "normalize_answer", "option_letter", "parse_options",
-    "question_kind", "report", "score", "summarize", "vqa_accuracy", "write_answers",
+    "Answer",
+    "EvalError",
+    "ask_all",
+    "load_questions",
+    "normalize_answer",
+    "option_letter",
+    "parse_options",
+    "question_kind",
+    "report",
+    "score",
+    "summarize",
+    "vqa_accuracy",
+    "write_answers",
 ]

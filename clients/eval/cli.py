@@ -14,26 +14,39 @@ from .harness import MODES, EvalError, ask_all, load_questions, report, summariz
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "eval", help="run an evaluation set (LLaVA's question format) through a running server and score it",
+        "eval",
+        help="run an evaluation set (LLaVA's question format) through a running server and score it",
         description="Ask a running DualFocus server every question of an evaluation set in LLaVA's format "
-                    "(JSON lines: question_id, image, text; options as lines 'A. ...' in the text; ground truth in "
-                    "'answers', a list, VQA-style, or 'answer'), write one answer file per mode in the reference's "
-                    "format (question_id, prompt, text, answer_id, model_id, metadata) and print the accuracy of "
-                    "each mode side by side. Scoring: VQA accuracy for 'answers', option accuracy for 'answer' with "
-                    "options, normalised exact match otherwise; questions without ground truth are answered, not "
-                    "scored. See docs/paper.md for the paper's sets.")
+        "(JSON lines: question_id, image, text; options as lines 'A. ...' in the text; ground truth in "
+        "'answers', a list, VQA-style, or 'answer'), write one answer file per mode in the reference's "
+        "format (question_id, prompt, text, answer_id, model_id, metadata) and print the accuracy of "
+        "each mode side by side. Scoring: VQA accuracy for 'answers', option accuracy for 'answer' with "
+        "options, normalised exact match otherwise; questions without ground truth are answered, not "
+        "scored. See docs/paper.md for the paper's sets.",
+    )
     p.add_argument("questions", metavar="QUESTIONS.jsonl", type=Path)
     p.add_argument("--images", required=True, type=Path, help="folder the questions' 'image' paths are relative to")
-    p.add_argument("--mode", choices=list(MODES), default="both",
-                   help="dualfocus, macro (one plain pass), or both, for the comparison (default: %(default)s)")
-    p.add_argument("--out", required=True, type=Path,
-                   help="folder for answers-MODE.jsonl and summary.json (created if missing)")
-    p.add_argument("--url", default=os.environ.get("DUALFOCUS_URL", "http://127.0.0.1:8000"),
-                   help="server address (default: $DUALFOCUS_URL or %(default)s)")
+    p.add_argument(
+        "--mode",
+        choices=list(MODES),
+        default="both",
+        help="dualfocus, macro (one plain pass), or both, for the comparison (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="folder for answers-MODE.jsonl and summary.json (created if missing)"
+    )
+    p.add_argument(
+        "--url",
+        default=os.environ.get("DUALFOCUS_URL", "http://127.0.0.1:8000"),
+        help="server address (default: $DUALFOCUS_URL or %(default)s)",
+    )
     p.add_argument("--api-key", default=os.environ.get("DUALFOCUS_API_KEY"), help="default: $DUALFOCUS_API_KEY")
-    p.add_argument("--concurrency", type=int, default=8,
-                   help="requests in flight at once; keep it within the server's --max-inflight-requests "
-                        "(default: %(default)s)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="requests in flight at once; keep it within the server's --max-inflight-requests (default: %(default)s)",
+    )
     p.add_argument("--max-tokens", type=int, default=128, help="per answer, as the reference (default: %(default)s)")
     p.add_argument("--limit", type=int, help="only the first N questions (a quick check)")
     p.add_argument("--model-id", help="model_id written in the answer files (default: the served model's name)")
@@ -73,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
     for mode in modes:
         write_answers(answers[mode], args.out / f"answers-{mode}.jsonl", args.model_id or model)
         summaries[mode] = summarize(answers[mode])
-    (args.out / "summary.json").write_text(json.dumps(
-        {"questions_file": str(args.questions), "model": model, "modes": summaries}, indent=1))
+    (args.out / "summary.json").write_text(
+        json.dumps({"questions_file": str(args.questions), "model": model, "modes": summaries}, indent=1)
+    )
     print(report(summaries))
     print("answers: " + ", ".join(str(args.out / f"answers-{mode}.jsonl") for mode in modes))
     failed = sum(s["errors"] for s in summaries.values())

@@ -82,8 +82,15 @@ def load_questions(path: Path, images: Path) -> list[dict]:
     return questions
 
 
-async def ask_all(client: AsyncDualFocusClient, questions: list[dict], images: Path, modes: tuple[str, ...],
-                  concurrency: int = 8, max_tokens: int = 128, progress: bool = True) -> dict[str, list[Answer]]:
+async def ask_all(
+    client: AsyncDualFocusClient,
+    questions: list[dict],
+    images: Path,
+    modes: tuple[str, ...],
+    concurrency: int = 8,
+    max_tokens: int = 128,
+    progress: bool = True,
+) -> dict[str, list[Answer]]:
     """Every question in every mode, at most `concurrency` requests in flight, in question order.
     Greedy decoding (the server's default), as the reference evaluates."""
     limit = asyncio.Semaphore(concurrency)
@@ -92,8 +99,9 @@ async def ask_all(client: AsyncDualFocusClient, questions: list[dict], images: P
     async def one(question: dict, mode: str) -> Answer:
         async with limit:
             try:
-                result = await client.ask(images / question["image"], question["text"], mode=mode,
-                                          max_tokens=max_tokens)
+                result = await client.ask(
+                    images / question["image"], question["text"], mode=mode, max_tokens=max_tokens
+                )
                 return Answer(question, mode, result)
             except DualFocusError as e:
                 return Answer(question, mode, error=str(e))
@@ -126,11 +134,27 @@ def write_answers(answers: list[Answer], path: Path, model_id: str) -> None:
             if r is None:
                 metadata["error"] = a.error
             else:
-                metadata.update(chosen=r.chosen, why=r.why, macro_answer=r.macro_answer, micro_answer=r.micro_answer,
-                                box=r.box_text, crop=list(r.crop) if r.crop else None)
-            f.write(json.dumps({"question_id": a.question["question_id"], "prompt": a.question["text"],
-                                "text": a.text, "answer_id": short_id(), "model_id": model_id,
-                                "metadata": metadata}) + "\n")
+                metadata.update(
+                    chosen=r.chosen,
+                    why=r.why,
+                    macro_answer=r.macro_answer,
+                    micro_answer=r.micro_answer,
+                    box=r.box_text,
+                    crop=list(r.crop) if r.crop else None,
+                )
+            f.write(
+                json.dumps(
+                    {
+                        "question_id": a.question["question_id"],
+                        "prompt": a.question["text"],
+                        "text": a.text,
+                        "answer_id": short_id(),
+                        "model_id": model_id,
+                        "metadata": metadata,
+                    }
+                )
+                + "\n"
+            )
 
 
 def summarize(answers: list[Answer]) -> dict:
@@ -144,9 +168,11 @@ def summarize(answers: list[Answer]) -> dict:
             by_kind[kind] = {"questions": len(values), "accuracy": 100 * sum(values) / len(values)}
     chosen = Counter(a.result.chosen for a in answers if a.result and a.result.mode == "dualfocus")
     return {
-        "questions": len(answers), "scored": len(scored),
+        "questions": len(answers),
+        "scored": len(scored),
         "accuracy": 100 * sum(s for _, s in scored) / len(scored) if scored else None,
-        "by_kind": by_kind, "errors": sum(a.result is None for a in answers),
+        "by_kind": by_kind,
+        "errors": sum(a.result is None for a in answers),
         "chosen": {k: chosen[k] for k in ("macro", "micro", "same") if chosen[k]},
     }
 
@@ -164,19 +190,27 @@ def report(summaries: dict[str, dict]) -> str:
     first = summaries[modes[0]]
     lines = [row("", modes)]
     note = f"% of {first['scored']} questions with ground truth" + (
-        f", of {first['questions']}" if first["scored"] != first["questions"] else "")
+        f", of {first['questions']}" if first["scored"] != first["questions"] else ""
+    )
     if len(modes) == 2 and all(s["accuracy"] is not None for s in summaries.values()):
         note += f"; dualfocus - macro: {summaries['dualfocus']['accuracy'] - summaries['macro']['accuracy']:+.2f}"
     lines.append(row("accuracy", [pct(s["accuracy"]) for s in summaries.values()], note))
     for kind, name in KIND_NAMES.items():
         if kind in first["by_kind"]:
-            lines.append(row(f"  {name} accuracy", [pct(s["by_kind"].get(kind, {}).get("accuracy"))
-                                                    for s in summaries.values()],
-                             f"{first['by_kind'][kind]['questions']} questions"))
+            lines.append(
+                row(
+                    f"  {name} accuracy",
+                    [pct(s["by_kind"].get(kind, {}).get("accuracy")) for s in summaries.values()],
+                    f"{first['by_kind'][kind]['questions']} questions",
+                )
+            )
     lines.append(row("failed requests", [str(s["errors"]) for s in summaries.values()]))
     if "dualfocus" in summaries:
         chosen, total = summaries["dualfocus"]["chosen"], sum(summaries["dualfocus"]["chosen"].values())
         parts = [f"{k} {chosen.get(k, 0)} ({100 * chosen.get(k, 0) / total:.0f}%)" for k in ("macro", "micro", "same")]
-        lines.append("dualfocus chose: " + (", ".join(parts) if total else "nothing (every request failed)")
-                     + "   (same: both passes gave the same answer)")
+        lines.append(
+            "dualfocus chose: "
+            + (", ".join(parts) if total else "nothing (every request failed)")
+            + "   (same: both passes gave the same answer)"
+        )
     return "\n".join(lines)

@@ -17,14 +17,47 @@ import re
 
 # --- the standard answer normalisation -----------------------------------------------------------
 
-_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
-                "?", "!"]
+_PUNCTUATION = [
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+]
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
 # Written as the official code writes it: its "(?!<=\d)" was meant as a look-behind but is a
 # look-ahead that never matches, so a period goes unless a digit follows it ("3.5" stays).
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = {"a", "an", "the"}
 # The official contraction table maps each form written with one apostrophe missing back to the
 # form below; generated here rather than listed. (Its entries for "I'd've", "I'm", "I've" have
@@ -39,8 +72,7 @@ weren't what'll what're what's what've when's where'd where's where've who'd who
 why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll
 you're you've
 """.split()
-_CONTRACTIONS = {form[:i] + form[i + 1:]: form
-                 for form in _CONTRACTION_FORMS for i, c in enumerate(form) if c == "'"}
+_CONTRACTIONS = {form[:i] + form[i + 1 :]: form for form in _CONTRACTION_FORMS for i, c in enumerate(form) if c == "'"}
 _CONTRACTIONS["somebody'd"] = "somebodyd"  # sic: the official table has this one backwards
 
 
@@ -112,6 +144,7 @@ def option_letter(answer: str, options: dict[str, str]) -> str | None:
 
 # --- per question ------------------------------------------------------------------------------------
 
+
 def question_kind(question: dict) -> str | None:
     """How a question is scored: 'vqa' (an `answers` list), 'multiple_choice' (an `answer` and
     options in the text), 'exact' (an `answer`, no options), None (no ground truth)."""
@@ -133,7 +166,9 @@ def score(question: dict, prediction: str) -> float | None:
         options = parse_options(question["text"])
         gold = option_letter(str(question["answer"]), options)
         if gold is None:
-            raise ValueError(f"question {question.get('question_id')!r}: its answer {question['answer']!r} is "
-                             f"none of its options {', '.join(options)}")
+            raise ValueError(
+                f"question {question.get('question_id')!r}: its answer {question['answer']!r} is "
+                f"none of its options {', '.join(options)}"
+            )
         return float(option_letter(prediction, options) == gold)
     return None

@@ -16,8 +16,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser("ask", help="ask a running DualFocus server about an image and show where it looked")
     p.add_argument("image", help="image file (PNG, JPEG, WebP)")
     p.add_argument("question")
-    p.add_argument("--url", default=os.environ.get("DUALFOCUS_URL", "http://127.0.0.1:8000"),
-                   help="server address (default: $DUALFOCUS_URL or %(default)s)")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("DUALFOCUS_URL", "http://127.0.0.1:8000"),
+        help="server address (default: $DUALFOCUS_URL or %(default)s)",
+    )
     p.add_argument("--api-key", default=os.environ.get("DUALFOCUS_API_KEY"), help="default: $DUALFOCUS_API_KEY")
     p.add_argument("--mode", choices=["dualfocus", "macro"], default="dualfocus", help="default: %(default)s")
     p.add_argument("--max-tokens", type=int, default=128, help="default: %(default)s")
@@ -57,13 +60,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def trace_table(r) -> str:
-    rows = [("mode", r.mode), ("chosen", f"{r.chosen}: {r.why}"), ("macro answer", r.macro_answer),
-            ("micro answer", r.micro_answer), ("box", f"{r.box_text} -> pixels {r.box}" if r.box_text else None),
-            ("crop", r.crop),
-            ("scores (NLL)", ", ".join(f"{k} {v:.3f}" for k, v in r.scores.items()) if r.scores else None)]
+    rows = [
+        ("mode", r.mode),
+        ("chosen", f"{r.chosen}: {r.why}"),
+        ("macro answer", r.macro_answer),
+        ("micro answer", r.micro_answer),
+        ("box", f"{r.box_text} -> pixels {r.box}" if r.box_text else None),
+        ("crop", r.crop),
+        ("scores (NLL)", ", ".join(f"{k} {v:.3f}" for k, v in r.scores.items()) if r.scores else None),
+    ]
     lines = [f"{name:<14}{value}" for name, value in rows if value is not None]
     lines.append(f"{'stage':<14}{'ms':>9}{'prompt':>9}{'cached':>9}")
     lines += [f"{name:<14}{s.ms:>9.1f}{s.prompt_tokens:>9}{s.cached_tokens:>9}" for name, s in r.stages.items()]
-    lines.append(f"{'usage':<14}prompt {r.usage.prompt_tokens} (cached {r.usage.cached_tokens}), "
-                 f"completion {r.usage.completion_tokens}")
+    lines.append(
+        f"{'usage':<14}prompt {r.usage.prompt_tokens} (cached {r.usage.cached_tokens}), "
+        f"completion {r.usage.completion_tokens}"
+    )
     return "\n".join(lines)

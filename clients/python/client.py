@@ -37,18 +37,25 @@ def image_data_url(image: ImageInput) -> str:
         try:
             fmt = (Image.open(io.BytesIO(data)).format or "").lower()
         except (UnidentifiedImageError, OSError):
-            raise BadRequest(f"{image if isinstance(image, (str, Path)) else 'the bytes given'} is not an image "
-                             "this client can read") from None
+            raise BadRequest(
+                f"{image if isinstance(image, (str, Path)) else 'the bytes given'} is not an image this client can read"
+            ) from None
     return f"data:image/{fmt};base64," + base64.b64encode(data).decode()
 
 
-def _request(model: str, image: ImageInput | None, question: str, mode: str, max_tokens: int, trace: bool,
-             **sampling) -> dict:
+def _request(
+    model: str, image: ImageInput | None, question: str, mode: str, max_tokens: int, trace: bool, **sampling
+) -> dict:
     content: list[dict[str, Any]] = [{"type": "text", "text": question}]
     if image is not None:
         content.append({"type": "image_url", "image_url": {"url": image_data_url(image)}})
-    return dict(model=model, max_tokens=max_tokens, messages=[{"role": "user", "content": content}],
-                extra_body={"dualfocus": {"mode": mode, "return_trace": trace}}, **sampling)
+    return dict(
+        model=model,
+        max_tokens=max_tokens,
+        messages=[{"role": "user", "content": content}],
+        extra_body={"dualfocus": {"mode": mode, "return_trace": trace}},
+        **sampling,
+    )
 
 
 def _v1(base_url: str) -> str:
@@ -57,11 +64,18 @@ def _v1(base_url: str) -> str:
 
 
 class DualFocusClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 model: str | None = None, timeout: float = 600.0, max_retries: int = 2):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout: float = 600.0,
+        max_retries: int = 2,
+    ):
         self.base_url = base_url
-        self._openai = openai.OpenAI(base_url=_v1(base_url), api_key=api_key or "none", timeout=timeout,
-                                     max_retries=max_retries)
+        self._openai = openai.OpenAI(
+            base_url=_v1(base_url), api_key=api_key or "none", timeout=timeout, max_retries=max_retries
+        )
         self._model = model
 
     @property
@@ -74,8 +88,15 @@ class DualFocusClient:
                 raise translate(e, self.base_url) from None
         return self._model
 
-    def ask(self, image: ImageInput | None, question: str, mode: str = "dualfocus", max_tokens: int = 128,
-            trace: bool = True, **sampling) -> AskResult:
+    def ask(
+        self,
+        image: ImageInput | None,
+        question: str,
+        mode: str = "dualfocus",
+        max_tokens: int = 128,
+        trace: bool = True,
+        **sampling,
+    ) -> AskResult:
         """Ask one question about one image (None: a text-only question)."""
         request = _request(self.model, image, question, mode, max_tokens, trace, **sampling)
         try:
@@ -83,8 +104,9 @@ class DualFocusClient:
         except openai.OpenAIError as e:
             raise translate(e, self.base_url) from None
 
-    def ask_many(self, items: Iterable[tuple[ImageInput | None, str]], concurrency: int = 8, progress: bool = True,
-                 **options) -> list[AskResult | DualFocusError]:
+    def ask_many(
+        self, items: Iterable[tuple[ImageInput | None, str]], concurrency: int = 8, progress: bool = True, **options
+    ) -> list[AskResult | DualFocusError]:
         """Ask many (image, question) pairs, `concurrency` at a time. Results keep the input order;
         a failed item's place holds its error instead of stopping the others."""
         items = list(items)
@@ -100,11 +122,18 @@ class DualFocusClient:
 
 
 class AsyncDualFocusClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 model: str | None = None, timeout: float = 600.0, max_retries: int = 2):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout: float = 600.0,
+        max_retries: int = 2,
+    ):
         self.base_url = base_url
-        self._openai = openai.AsyncOpenAI(base_url=_v1(base_url), api_key=api_key or "none", timeout=timeout,
-                                          max_retries=max_retries)
+        self._openai = openai.AsyncOpenAI(
+            base_url=_v1(base_url), api_key=api_key or "none", timeout=timeout, max_retries=max_retries
+        )
         self._model = model
 
     async def model(self) -> str:
@@ -115,16 +144,24 @@ class AsyncDualFocusClient:
                 raise translate(e, self.base_url) from None
         return self._model
 
-    async def ask(self, image: ImageInput | None, question: str, mode: str = "dualfocus", max_tokens: int = 128,
-                  trace: bool = True, **sampling) -> AskResult:
+    async def ask(
+        self,
+        image: ImageInput | None,
+        question: str,
+        mode: str = "dualfocus",
+        max_tokens: int = 128,
+        trace: bool = True,
+        **sampling,
+    ) -> AskResult:
         request = _request(await self.model(), image, question, mode, max_tokens, trace, **sampling)
         try:
             return AskResult.from_response(await self._openai.chat.completions.create(**request))
         except openai.OpenAIError as e:
             raise translate(e, self.base_url) from None
 
-    async def ask_many(self, items: Iterable[tuple[ImageInput | None, str]], concurrency: int = 8,
-                       progress: bool = True, **options) -> list[AskResult | DualFocusError]:
+    async def ask_many(
+        self, items: Iterable[tuple[ImageInput | None, str]], concurrency: int = 8, progress: bool = True, **options
+    ) -> list[AskResult | DualFocusError]:
         items = list(items)
         limit = asyncio.Semaphore(concurrency)
         bar = tqdm(total=len(items), disable=not progress, desc="dualfocus")

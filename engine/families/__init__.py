@@ -20,8 +20,7 @@ def detect_family(model_type: str) -> str:
         return _MODEL_TYPES[model_type]
     except KeyError:
         raise ValueError(
-            f"no DualFocus adapter for model_type {model_type!r}; "
-            f"pass --family with one of: {', '.join(FAMILIES)}"
+            f"no DualFocus adapter for model_type {model_type!r}; pass --family with one of: {', '.join(FAMILIES)}"
         ) from None
 
 

@@ -42,8 +42,7 @@ class Qwen2VLAdapter(FamilyAdapter):
 
     def _user_turn(self, text: str, with_image: bool) -> list[int]:
         image = self._image() if with_image else []
-        return (self.encode("<|im_start|>user\n") + image
-                + self.encode(f"{text}<|im_end|>\n<|im_start|>assistant\n"))
+        return self.encode("<|im_start|>user\n") + image + self.encode(f"{text}<|im_end|>\n<|im_start|>assistant\n")
 
     def first_turn(self, text: str, with_image: bool) -> list[int]:
         return self.encode(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n") + self._user_turn(text, with_image)
@@ -97,8 +96,9 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         rh, rw = self.resized_size(height, width)
         x1, y1, x2, y2 = (int(g) for g in m.groups())
         normalized = (x1 / rw, y1 / rh, x2 / rw, y2 / rh)
-        return ParsedBox(normalized, (normalized[0] * width, normalized[1] * height,
-                                      normalized[2] * width, normalized[3] * height))
+        return ParsedBox(
+            normalized, (normalized[0] * width, normalized[1] * height, normalized[2] * width, normalized[3] * height)
+        )
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """The processor's input size (Qwen2.5-VL's smart_resize): multiples of 28 within the pixel budget."""

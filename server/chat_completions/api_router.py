@@ -25,15 +25,25 @@ T = TypeVar("T")
 
 
 @router.post(
-    "/v1/chat/completions", dependencies=[Depends(admit)], response_model=None,
-    responses={200: {"model": ChatCompletionResponse,
-                     "content": {"text/event-stream": {"schema": {"type": "string"}}},
-                     "description": "the completion, or with stream=true its chunks as server-sent events"},
-               **error_responses(400, 401, 404, 413, 429, 500, 503)})
-async def create_chat_completion(body: ChatCompletionRequest, request: Request,
-                                 engine: EngineClient = Depends(ready_engine),
-                                 settings: ServerSettings = Depends(settings),
-                                 metrics: ServerMetrics = Depends(metrics)) -> JSONResponse | StreamingResponse:
+    "/v1/chat/completions",
+    dependencies=[Depends(admit)],
+    response_model=None,
+    responses={
+        200: {
+            "model": ChatCompletionResponse,
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "the completion, or with stream=true its chunks as server-sent events",
+        },
+        **error_responses(400, 401, 404, 413, 429, 500, 503),
+    },
+)
+async def create_chat_completion(
+    body: ChatCompletionRequest,
+    request: Request,
+    engine: EngineClient = Depends(ready_engine),
+    settings: ServerSettings = Depends(settings),
+    metrics: ServerMetrics = Depends(metrics),
+) -> JSONResponse | StreamingResponse:
     arrived = time.perf_counter()
     try:
         # Decoding may fetch an image: that too stops if the client goes away.

@@ -114,13 +114,20 @@ class DualFocusTrace(BaseModel):
     def of(cls, t: Trace) -> DualFocusTrace:
         """The wire form of the engine's trace (engine/trace.py)."""
         return cls(
-            mode=t.mode, chosen=t.chosen, why=t.why, macro_answer=t.macro_answer, micro_answer=t.micro_answer,
-            box=None if t.box is None else BoxTrace(text=t.box.text, normalized=t.box.normalized,
-                                                    pixels=t.box.pixels, outcome=t.box.outcome),
+            mode=t.mode,
+            chosen=t.chosen,
+            why=t.why,
+            macro_answer=t.macro_answer,
+            micro_answer=t.micro_answer,
+            box=None
+            if t.box is None
+            else BoxTrace(text=t.box.text, normalized=t.box.normalized, pixels=t.box.pixels, outcome=t.box.outcome),
             crop=None if t.crop is None else CropTrace(width=t.crop.width, height=t.crop.height, rect=t.crop.rect),
             scores=t.scores,
-            stages={name: StageTrace(ms=round(s.ms, 3), prompt_tokens=s.prompt_tokens, cached_tokens=s.cached_tokens)
-                    for name, s in t.stages.items()},
+            stages={
+                name: StageTrace(ms=round(s.ms, 3), prompt_tokens=s.prompt_tokens, cached_tokens=s.cached_tokens)
+                for name, s in t.stages.items()
+            },
         )
 
 

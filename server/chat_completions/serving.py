@@ -40,37 +40,53 @@ log = logging.getLogger("dualfocus.requests")
 async def to_query(req: ChatCompletionRequest, settings: ServerSettings, max_model_len: int) -> Query:
     """Decode: one user turn (text and at most the allowed number of images) -> Query."""
     if req.model != settings.model_name:
-        raise APIError(404, f"model {req.model!r} does not exist; this server serves {settings.model_name!r}",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"model {req.model!r} does not exist; this server serves {settings.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
     if len(req.messages) != 1 or req.messages[0].role != "user":
-        raise APIError(400, "only single-turn requests are supported: send exactly one user message "
-                            "(no system or earlier turns)", param="messages")
+        raise APIError(
+            400,
+            "only single-turn requests are supported: send exactly one user message (no system or earlier turns)",
+            param="messages",
+        )
     content = req.messages[0].content
     parts = [TextPart(type="text", text=content)] if isinstance(content, str) else (content or [])
     texts = [p.text for p in parts if isinstance(p, TextPart)]
     images = [p.image_url.url for p in parts if isinstance(p, ImagePart)]
     if len(images) > settings.max_images_per_request:
-        raise APIError(400, f"at most {settings.max_images_per_request} image(s) per request, got {len(images)}",
-                       param="messages")
+        raise APIError(
+            400, f"at most {settings.max_images_per_request} image(s) per request, got {len(images)}", param="messages"
+        )
     question = "\n".join(texts).strip()
     if not question:
         raise APIError(400, "the user message has no text", param="messages")
     image = await load_image(images[0], settings) if images else None
     max_tokens = req.max_completion_tokens or req.max_tokens or min(512, max_model_len)
     if max_tokens >= max_model_len:
-        raise APIError(400, f"max_tokens={max_tokens} does not fit the model's context length of {max_model_len} "
-                            "tokens with any prompt", param="max_tokens")
+        raise APIError(
+            400,
+            f"max_tokens={max_tokens} does not fit the model's context length of {max_model_len} "
+            "tokens with any prompt",
+            param="max_tokens",
+        )
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    sampling = Sampling(max_tokens=max_tokens, temperature=req.temperature or 0.0, top_p=req.top_p,
-                        seed=req.seed, stop=stop)
+    sampling = Sampling(
+        max_tokens=max_tokens, temperature=req.temperature or 0.0, top_p=req.top_p, seed=req.seed, stop=stop
+    )
     return Query(question, image, mode=req.dualfocus.mode, sampling=sampling)
 
 
 def _usage(result: Result) -> CompletionUsage:
     u = result.usage
-    return CompletionUsage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                           total_tokens=u.prompt_tokens + u.completion_tokens,
-                           prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens))
+    return CompletionUsage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        total_tokens=u.prompt_tokens + u.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens),
+    )
 
 
 def _trace(req: ChatCompletionRequest, result: Result) -> DualFocusTrace | None:
@@ -85,20 +101,30 @@ class ChatCompletionsService:
     async def complete(self, req: ChatCompletionRequest, query: Query, request_id: str) -> ChatCompletionResponse:
         result = await self._run(query, request_id)
         response = ChatCompletionResponse(
-            id=f"chatcmpl-{request_id}", object="chat.completion", created=int(time.time()), model=req.model,
-            choices=[Choice(index=0, finish_reason=_finish(result),
-                            message=ChatCompletionMessage(role="assistant", content=result.answer))],
+            id=f"chatcmpl-{request_id}",
+            object="chat.completion",
+            created=int(time.time()),
+            model=req.model,
+            choices=[
+                Choice(
+                    index=0,
+                    finish_reason=_finish(result),
+                    message=ChatCompletionMessage(role="assistant", content=result.answer),
+                )
+            ],
             usage=_usage(result),
         )
         response.dualfocus = _trace(req, result)  # the SDK exposes it as response.dualfocus
         return response
 
-    async def stream(self, req: ChatCompletionRequest, query: Query, request_id: str,
-                     arrived: float) -> AsyncIterator[str]:
+    async def stream(
+        self, req: ChatCompletionRequest, query: Query, request_id: str, arrived: float
+    ) -> AsyncIterator[str]:
         """SSE lines. Macro mode streams text as generated; a DualFocus answer is known only
         after fusion, so it is sent in one chunk as soon as it is chosen."""
-        base: dict[str, Any] = dict(id=f"chatcmpl-{request_id}", object="chat.completion.chunk",
-                                    created=int(time.time()), model=req.model)
+        base: dict[str, Any] = dict(
+            id=f"chatcmpl-{request_id}", object="chat.completion.chunk", created=int(time.time()), model=req.model
+        )
         updates: asyncio.Queue[str] = asyncio.Queue()
         sent = ""
 
@@ -121,22 +147,27 @@ class ChatCompletionsService:
                     if first:
                         self.metrics.ttft.observe(time.perf_counter() - arrived)
                         first = False
-                    yield _sse(ChatCompletionStreamChunk(**base, choices=[ChunkChoice(
-                        index=0, delta=ChoiceDelta(content=text[len(sent):]))]))
+                    yield _sse(
+                        ChatCompletionStreamChunk(
+                            **base, choices=[ChunkChoice(index=0, delta=ChoiceDelta(content=text[len(sent) :]))]
+                        )
+                    )
                     sent = text
             try:
                 result = task.result()
             except Exception as e:  # the response has started: the error goes in the stream, as OpenAI's does
                 yield f"data: {json.dumps(as_api_error(e).body())}\n\n"
                 return
-            rest = result.answer[len(sent):] if result.answer.startswith(sent) else result.answer
+            rest = result.answer[len(sent) :] if result.answer.startswith(sent) else result.answer
             if rest:
                 if first:
                     self.metrics.ttft.observe(time.perf_counter() - arrived)
-                yield _sse(ChatCompletionStreamChunk(**base, choices=[ChunkChoice(index=0,
-                                                                                  delta=ChoiceDelta(content=rest))]))
-            last = ChatCompletionStreamChunk(**base, choices=[ChunkChoice(index=0, delta=ChoiceDelta(),
-                                                                          finish_reason=_finish(result))])
+                yield _sse(
+                    ChatCompletionStreamChunk(**base, choices=[ChunkChoice(index=0, delta=ChoiceDelta(content=rest))])
+                )
+            last = ChatCompletionStreamChunk(
+                **base, choices=[ChunkChoice(index=0, delta=ChoiceDelta(), finish_reason=_finish(result))]
+            )
             trace = _trace(req, result)
             if trace is not None:  # set only then: _sse leaves unset fields out
                 last.dualfocus = trace

@@ -18,8 +18,18 @@ _CREATED = int(time.time())
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503))
-async def list_models(engine: EngineClient = Depends(ready_engine),
-                      settings: ServerSettings = Depends(settings)) -> ModelList:
+async def list_models(
+    engine: EngineClient = Depends(ready_engine), settings: ServerSettings = Depends(settings)
+) -> ModelList:
     info = engine.model_info
-    return ModelList(data=[ModelCard(id=settings.model_name, created=_CREATED, owned_by="dualfocus-serve",
-                                     max_model_len=info.max_model_len, family=info.family)])
+    return ModelList(
+        data=[
+            ModelCard(
+                id=settings.model_name,
+                created=_CREATED,
+                owned_by="dualfocus-serve",
+                max_model_len=info.max_model_len,
+                family=info.family,
+            )
+        ]
+    )

@@ -1,0 +1,42 @@
+"""The packages import one another one way only (docs/architecture.md): each check imports a
+package in a fresh interpreter and looks at what else came in."""
+
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def modules_after_importing(*names: str) -> set[str]:
+    code = ("import importlib, json, sys\n"
+            f"for name in {list(names)!r}: importlib.import_module(name)\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return set(json.loads(out.stdout))
+
+
+def every_module(package: str) -> list[str]:
+    return [package] + [f"{package}.{m.name}" for m in pkgutil.walk_packages([str(ROOT / package)])
+                        if not m.name.endswith("__main__")]
+
+
+@pytest.mark.parametrize("package, never", [
+    ("engine", {"server", "clients", "dualfocus", "vllm"}),  # vLLM only inside the functions that run it
+    ("server", {"clients", "dualfocus", "vllm"}),
+    ("clients", {"engine", "dualfocus", "vllm"}),  # the client needs no engine: only the trace's models
+])
+def test_a_package_does_not_import_what_sits_above_it(package, never):
+    loaded = modules_after_importing(*every_module(package))
+    assert not loaded & never, loaded & never
+
+
+def test_the_dualfocus_command_assembles_every_subcommand():
+    out = subprocess.run([sys.executable, "-m", "dualfocus", "--help"], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    for command in ("build-tiny", "demo", "convert-llava", "serve", "ask", "eval"):
+        assert command in out
