@@ -208,3 +208,35 @@ async def test_with_data_parallelism_all_passes_of_a_request_go_to_one_replica(e
     assert len(ranks) >= 4 * 3  # box, macro and micro at least, per request
     assert all(len(r) == 1 for r in by_request.values()), by_request  # one replica per request
     assert sorted(r.pop() for r in by_request.values()) == [0, 0, 1, 1]  # spread over both
+
+
+async def test_vllms_exceptions_come_out_as_the_engines_own():
+    from http import HTTPStatus
+
+    from vllm.exceptions import (
+        GenerationError,
+        QueueOverflowError,
+        RetryableRequestError,
+        VLLMNotFoundError,
+        VLLMValidationError,
+    )
+    from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+
+    from engine.errors import (
+        EngineDeadError,
+        GenerationFailedError,
+        InvalidRequestError,
+        RequestRefusedError,
+    )
+    from engine.runner import engine_error
+
+    too_long = engine_error(VLLMValidationError("the prompt is too long", parameter="messages"))
+    assert isinstance(too_long, InvalidRequestError) and too_long.param == "messages"
+    assert isinstance(engine_error(VLLMNotFoundError("no such thing")), InvalidRequestError)
+    busy = engine_error(QueueOverflowError())
+    assert isinstance(busy, RequestRefusedError) and busy.status == HTTPStatus.SERVICE_UNAVAILABLE
+    assert type(engine_error(RetryableRequestError("again"))) is RetryableEngineError
+    assert type(engine_error(GenerationError("kaput"))) is GenerationFailedError
+    assert isinstance(engine_error(VLLMEngineDeadError()), EngineDeadError)
+    other = ValueError("not vLLM's")
+    assert engine_error(other) is other
