@@ -8,7 +8,7 @@ MODEL ?= tiny-llava
 help:
 	@echo "make serve   set up, build the default tiny model if missing, and serve it on 127.0.0.1:8000"
 	@echo "make test    set up, then run the whole test suite (after make lint)"
-	@echo "make lint    ruff (lint, format) and mypy on dualfocus/ engine/ server/ clients/"
+	@echo "make lint    ruff (lint, format) and mypy on engine/ server/ clients/"
 	@echo "make test-fast  the tests that need no vLLM engine (seconds)"
 	@echo "make models  build the embedded tiny checkpoints (prints NAME PATH)"
 	@echo "make bench   this service vs stock vLLM vs the reference's way (docs/benchmarks.md)"
@@ -19,7 +19,7 @@ install:
 	@bash deploy/install.sh
 
 models: install
-	$(PY) -m dualfocus build-tiny
+	$(PY) -m clients build-tiny
 
 # Tools the tests use beside the Python packages: promtool (Debian's prometheus package).
 test-tools:
@@ -28,11 +28,11 @@ test-tools:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 serve: install
-	$(PY) -m dualfocus build-tiny $(MODEL)
-	$(PY) -m dualfocus serve --model $(MODEL) $(SERVE_FLAGS)
+	$(PY) -m clients build-tiny $(MODEL)
+	$(PY) -m clients serve --model $(MODEL) $(SERVE_FLAGS)
 
 # ruff (lint and format) and mypy on the packages; configured in pyproject.toml.
-LINTED := dualfocus engine server clients
+LINTED := engine server clients
 lint: install
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m ruff format --check $(LINTED)

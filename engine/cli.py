@@ -1,5 +1,5 @@
 """The engine's subcommands (build-tiny, demo, convert-llava) and the engine flags every command
-that starts an engine shares. The `dualfocus` command assembles them (dualfocus/cli.py)."""
+that starts an engine shares. The `dualfocus` command assembles them (clients/cli.py)."""
 
 from __future__ import annotations
 

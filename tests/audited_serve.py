@@ -20,6 +20,6 @@ def _record_writes(event, args):
 sys.addaudithook(_record_writes)
 
 if __name__ == "__main__":
-    from dualfocus.cli import main
+    from clients.cli import main
 
     sys.exit(main())

@@ -345,7 +345,7 @@ def test_unexpected_tensors_and_a_missing_tower_are_refused(tmp_path, original):
 
 
 def test_cli_converts(original, tmp_path, capsys):
-    from dualfocus.cli import main
+    from clients.cli import main
 
     assert main(["convert-llava", str(original / "llava-v1.5-tiny"), str(tmp_path / "out"),
                  "--vision-tower", str(original / "clip")]) == 0

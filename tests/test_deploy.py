@@ -23,7 +23,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from dualfocus.cli import build_parser
+from clients.cli import build_parser
 
 from .conftest import RunningServer, data_url, scene
 

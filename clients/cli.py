@@ -1,7 +1,9 @@
-"""`dualfocus` (also `python -m dualfocus`): the project's command line.
+"""`dualfocus` (also `python -m clients`): the project's command line.
 
 Each package brings its own subcommands; this module, above them all, assembles them, so
-the packages import one another one way only (server -> engine; clients -> neither).
+the packages import one another one way only (server -> engine; clients/python and
+clients/eval -> neither). It lives in clients/ because it is what users run; it is the one
+module that imports every package.
 """
 
 from __future__ import annotations

@@ -1,1 +1,0 @@
-"""The `dualfocus` command: the one place that assembles every package's subcommands."""
