@@ -17,7 +17,7 @@ STAMP="$VENV/.dualfocus-installed"
 
 want="$VARIANT $(cat "$LOCK" pyproject.toml deploy/install.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] \
-   && "$VENV/bin/python" -c "import vllm, torchvision, dualfocus, engine, server, clients.python, loadtests" 2>/dev/null; then
+   && "$VENV/bin/python" -c "import vllm, torchvision, engine, server, clients.python, loadtests" 2>/dev/null; then
   exit 0
 fi
 
@@ -43,5 +43,5 @@ else
   exit 2
 fi
 
-"$VENV/bin/python" -c "import vllm, torchvision, dualfocus, engine, server, clients.python, loadtests"
+"$VENV/bin/python" -c "import vllm, torchvision, engine, server, clients.python, loadtests"
 echo "$want" > "$STAMP"

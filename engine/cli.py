@@ -154,3 +154,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     from . import convert_llava
 
     convert_llava.add_parser(sub)
+
+
+if __name__ == "__main__":
+    # `python -m engine.cli` still runs the whole command (scripts written before `python -m
+    # clients`); importing this module does not import the command above it.
+    import sys
+
+    from clients.cli import main
+
+    sys.exit(main())

@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import EngineClient
 
@@ -102,10 +104,10 @@ class RequestIdAndBodyLimit:
     Plain ASGI rather than @app.middleware("http"): that wrapper hides the client's
     disconnect from the endpoint, and disconnects must abort the request's passes."""
 
-    def __init__(self, app, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, max_body_bytes: int):
         self.app, self.max_body_bytes = app, max_body_bytes
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
@@ -116,7 +118,7 @@ class RequestIdAndBodyLimit:
         REQUEST_ID.set(request_id)  # this request's task only: each request runs in its own
         started = False
 
-        async def send_with_id(message):
+        async def send_with_id(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
@@ -139,12 +141,13 @@ class RequestIdAndBodyLimit:
                 raise
             await api_error_response(as_api_error(e))(scope, receive, send_with_id)
 
-    def _too_large(self):
+    def _too_large(self) -> JSONResponse:
         return error_response(413, f"request body is larger than {self.max_body_bytes} bytes")
 
-    async def _read_bounded(self, receive):
+    async def _read_bounded(self, receive: Receive) -> Receive | None:
         """Read the body's messages, then a `receive` that replays them; None if over the limit."""
-        messages, size = [], 0
+        messages: list[Message] = []
+        size = 0
         while True:
             message = await receive()
             messages.append(message)
@@ -156,7 +159,7 @@ class RequestIdAndBodyLimit:
             if not message.get("more_body", False):
                 break
 
-        async def replay():
+        async def replay() -> Message:
             return messages.pop(0) if messages else await receive()
 
         return replay

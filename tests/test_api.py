@@ -413,3 +413,16 @@ async def test_a_fresh_apps_metrics_show_every_known_series_at_zero():
         assert metric(text, "dualfocus_box_outcomes_total", outcome="ok") == 1
         assert metric(text, "dualfocus_prompt_tokens_total", stage="micro") == 1300
         assert metric(text, "dualfocus_cached_prompt_tokens_total", stage="fusion") == 2400
+
+
+def test_the_wire_trace_names_the_same_values_as_the_engines_trace():
+    # The wire models cannot import the engine (clients read traces without it): their literals
+    # are written out, and must stay the engine's.
+    from typing import get_args
+
+    from engine.trace import BOX_OUTCOMES, CHOICES, MODES
+    from server.chat_completions.protocol import BoxTrace, DualFocusTrace
+
+    assert get_args(DualFocusTrace.model_fields["mode"].annotation) == MODES
+    assert get_args(DualFocusTrace.model_fields["chosen"].annotation) == CHOICES
+    assert get_args(BoxTrace.model_fields["outcome"].annotation) == BOX_OUTCOMES

@@ -40,8 +40,10 @@ def test_a_package_does_not_import_what_sits_above_it(package, never):
     assert not loaded & never, loaded & never
 
 
-def test_the_dualfocus_command_assembles_every_subcommand():
-    out = subprocess.run([sys.executable, "-m", "clients", "--help"], capture_output=True, text=True, check=True,
+@pytest.mark.parametrize("module", ["clients", "engine.cli"])  # engine.cli: as scripts called it before
+def test_the_dualfocus_command_assembles_every_subcommand(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout
+    assert out.startswith("usage: dualfocus ")
     for command in ("build-tiny", "demo", "convert-llava", "serve", "ask", "eval"):
         assert command in out
