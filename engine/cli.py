@@ -39,6 +39,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="skip graph capture (default: on for CPU, off for GPU)")
     g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in a batch (default: vLLM's)")
     g.add_argument("--dtype", default="auto", help="default: %(default)s")
+    g.add_argument("--kv-events-config", type=_kv_events_config, default=None, metavar="JSON",
+                   help="vLLM's KV-cache event publisher, e.g. '{\"enable_kv_cache_events\": true, "
+                        "\"publisher\": \"zmq\", \"endpoint\": \"tcp://*:5557\"}' (what vllm-router's "
+                        "kv_aware policy subscribes to; default: off)")
+
+
+def _kv_events_config(text: str):
+    from vllm.config import KVEventsConfig
+
+    return KVEventsConfig(**json.loads(text))
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -49,6 +59,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         distributed_executor_backend=args.distributed_executor_backend,
         mm_processor_cache_gib=args.mm_processor_cache_gib, enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
+        extra={"kv_events_config": args.kv_events_config} if args.kv_events_config else {},
     )
 
 

@@ -1,13 +1,13 @@
 """N replicas of `dualfocus serve` behind the vLLM project's router (`vllm-router`), on this machine.
 
-    python -m loadtests.fleet --replicas 2 --policy cache_aware          # make fleet
+    python -m loadtests.fleet --replicas 2 --policy sticky_least_loaded  # make fleet
     python -m loadtests.fleet --replicas 2 --policy round_robin --port 8000 -- --kv-cache-gib 1
     python -m loadtests.fleet --replicas 1 --policy none                 # one replica, no router
 
 Replicas listen on free loopback ports; once every /health is 200 the router starts in front of
 them (its API on --port, its Prometheus metrics on --metrics-port). Ctrl-C or SIGTERM stops the
 router, then the replicas (each drains its in-flight requests), and exits. Arguments after `--`
-are `dualfocus serve` flags for every replica. Logs: --logs (default loadtests/results/fleet/).
+are `dualfocus serve` flags for every replica. Logs: --logs (default loadtests/results/tmp/fleet/).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from typing import Self
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-
-from engine.tiny import TINY_MODELS, ensure_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 # The one place the replica command is named (the CLI's module may move; keep it here only).
@@ -123,13 +121,13 @@ class Fleet:
     """Replicas + router as subprocesses. `policy` "none": one replica and no router."""
 
     replicas: int = 2
-    policy: str = "cache_aware"
+    policy: str = "sticky_least_loaded"
     model: str = "tiny-llava"
     port: int = 0  # the router's (0: a free one)
     metrics_port: int = 0
     serve_flags: list[str] = field(default_factory=list)
     router_flags: list[str] = field(default_factory=list)
-    logs: Path = ROOT / "loadtests" / "results" / "fleet"
+    logs: Path = ROOT / "loadtests" / "results" / "tmp" / "fleet"
     members: list[Replica] = field(default_factory=list)
     router: subprocess.Popen | None = None
 
@@ -152,6 +150,8 @@ class Fleet:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self) -> Self:
+        from engine.tiny import TINY_MODELS, ensure_tiny  # imports torch: not for --help
+
         if self.model in TINY_MODELS:
             ensure_tiny(self.model)  # built once here: replicas building it at the same time collide
         try:
@@ -230,18 +230,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     serve_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(prog="python -m loadtests.fleet", description=__doc__.split("\n\n")[0],
-                                epilog="Arguments after -- go to every replica's `dualfocus serve`.")
+    p = argparse.ArgumentParser(prog="python -m loadtests.fleet", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replicas", type=int, default=2, help="default: %(default)s")
-    p.add_argument("--policy", choices=[*POLICIES, "none"], default="cache_aware",
-                   help="the router's policy; none: one replica, no router (default: %(default)s)")
+    p.add_argument("--policy", choices=[*POLICIES, "none"], default="sticky_least_loaded",
+                   help="the router's policy (docs/deploy.md, 'Which policy'); none: one replica, no router "
+                        "(default: %(default)s)")
     p.add_argument("--model", default="tiny-llava", help="default: %(default)s")
     p.add_argument("--port", type=int, default=8000, help="the router's port (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=29000,
                    help="the router's Prometheus /metrics port (default: %(default)s)")
     p.add_argument("--router-flag", action="append", default=[], metavar="FLAG",
                    help="one more vllm-router argument, e.g. --router-flag=--cache-threshold=0.5 (repeatable)")
-    p.add_argument("--logs", type=Path, default=ROOT / "loadtests" / "results" / "fleet", help="default: %(default)s")
+    p.add_argument("--logs", type=Path, default=ROOT / "loadtests" / "results" / "tmp" / "fleet",
+                   help="replica and router logs (default: %(default)s)")
     args = p.parse_args(own)
     if args.replicas < 1:
         p.error("--replicas must be at least 1")

@@ -6,8 +6,8 @@ router policy, with one replica alone as the reference; one run, one pair of rep
     python -m loadtests.fleet_bench --report-only loadtests/results/fleet-<time>.json
 
 Workload: conversations about images. Each of --images synthetic scenes gets --questions questions,
-asked one after the other (each waits for the previous answer, as a user reading the answers would);
---concurrency clients run conversations at once, so the conversations interleave. Every request
+asked one after the other (each after the previous answer and a pause of up to --think-s, as a user
+reading the answers would); --concurrency clients run conversations at once, so they interleave. Every request
 carries `X-Session-ID: <digest of its image>`, the key vllm-router's consistent_hash policy hashes
 (the other policies ignore it). Every run (policy x mode) gets scenes no replica has seen.
 
@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import importlib.metadata
 import json
+import random
 import statistics
 import sys
 import time
@@ -52,7 +53,10 @@ def conversations(n_images: int, n_questions: int, seed: int) -> list[list[scene
 
 
 async def run_conversations(url: str, convs: list[list[scenes.Item]], concurrency: int, mode: str,
-                            max_tokens: int) -> tuple[list[systems.Sample], float]:
+                            max_tokens: int, think_s: float = 0.0, seed: int = 0) -> tuple[list[systems.Sample], float]:
+    """Each client takes the next conversation and asks its questions in order, pausing a random
+    0..think_s between an answer and the next question (a user reading it)."""
+    rng = random.Random(seed)
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
     queue = list(reversed(convs))
     samples: list[systems.Sample] = []
@@ -72,7 +76,10 @@ async def run_conversations(url: str, convs: list[list[scenes.Item]], concurrenc
 
     async def client_loop() -> None:
         while queue:
-            for item in queue.pop():  # one conversation: its questions in order
+            conversation = queue.pop()
+            for k, item in enumerate(conversation):
+                if k:
+                    await asyncio.sleep(rng.uniform(0, think_s))
                 samples.append(await ask(item))
 
     t0 = time.perf_counter()
@@ -108,7 +115,8 @@ def measure(fleet: Fleet, config: str, mode: str, args: argparse.Namespace, seed
         fleet.restart_router(config)
     before, router_before = replica_counters(fleet, indexes), (router_counters(fleet) if config != "single" else {})
     convs = conversations(args.images, args.questions, seed)
-    samples, wall = asyncio.run(run_conversations(url, convs, args.concurrency, mode, args.max_tokens))
+    samples, wall = asyncio.run(run_conversations(url, convs, args.concurrency, mode, args.max_tokens,
+                                                  args.think_s, seed))
     after = replica_counters(fleet, indexes)
     delta = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before)]
     hits, queries = sum(d["hits"] for d in delta), sum(d["queries"] for d in delta)
@@ -141,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=12, help="conversations, one image each (default: %(default)s)")
     p.add_argument("--questions", type=int, default=4, help="questions per image (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=4, help="clients at once (default: %(default)s)")
+    p.add_argument("--think-s", type=float, default=2.0,
+                   help="pause before a follow-up question, uniform in 0..THINK_S seconds (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=8, help="default: %(default)s")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="per replica (default: %(default)s)")
     p.add_argument("--report-only", type=Path, metavar="RESULTS.json",
@@ -154,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                "git": git_revision(), "machine": machine(), "model": MODEL, "replicas": args.replicas,
                "router_version": importlib.metadata.version("vllm-router"),
                "images": args.images, "questions_per_image": args.questions, "concurrency": args.concurrency,
-               "max_tokens": args.max_tokens, "kv_cache_gib": args.kv_cache_gib,
+               "max_tokens": args.max_tokens, "kv_cache_gib": args.kv_cache_gib, "think_s": args.think_s,
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": []}
     fleet = Fleet(args.replicas, policies[0], MODEL, serve_flags=["--kv-cache-gib", str(args.kv_cache_gib)],
                   logs=ROOT / "loadtests" / "results" / "tmp" / "fleet-bench")
@@ -190,7 +200,8 @@ def report(r: dict, path: Path) -> str:
          f"({r['machine']['cpus']} CPUs, shared with other work), {r['started']}. Raw figures: `{path}`."),
         (f"{r['replicas']} replicas of {r['model']} (--kv-cache-gib {r['kv_cache_gib']}) behind `vllm-router` "
         f"{r['router_version']}; {r['images']} conversations of {r['questions_per_image']} questions "
-        f"about one synthetic scene each, {r['concurrency']} clients at once, max_tokens {r['max_tokens']}; "
+        f"about one synthetic scene each, asked in order with a pause of 0-{r['think_s']:g} s before each "
+         f"follow-up, {r['concurrency']} clients at once, max_tokens {r['max_tokens']}; "
         "every request carries `X-Session-ID` = a digest of its image. \"single\" is replica 0 alone "
         "(no router) on the same workload. Cached share: prefix-cache hits / queries summed over the "
         "replicas (every pass's prompt tokens). One run; both replicas share 2 cores, so throughput "
