@@ -13,6 +13,7 @@ are `dualfocus serve` flags for every replica. Logs: --logs (default loadtests/r
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -99,6 +100,7 @@ class Replica:
     port: int
     log: Path
     process: subprocess.Popen | None = None
+    kv_events_port: int = 0  # where it publishes vLLM's KV-cache events (ZMQ); 0: it does not
 
     @property
     def url(self) -> str:
@@ -155,7 +157,10 @@ class Fleet:
         if self.model in TINY_MODELS:
             ensure_tiny(self.model)  # built once here: replicas building it at the same time collide
         try:
-            self.members = [Replica(free_port(), self.logs / f"replica-{i}.log") for i in range(self.replicas)]
+            # kv_aware needs the replicas' KV-cache events: each publishes on a port of its own.
+            self.members = [Replica(free_port(), self.logs / f"replica-{i}.log",
+                                    kv_events_port=free_port() if self.policy == "kv_aware" else 0)
+                            for i in range(self.replicas)]
             for replica in self.members:  # all load at once, then wait for each
                 replica.log.write_text("")  # a restarted replica appends to its log
                 self._spawn(replica)
@@ -170,6 +175,9 @@ class Fleet:
 
     def _spawn(self, replica: Replica) -> None:
         cmd = [*SERVE, "--host", "127.0.0.1", "--port", str(replica.port), "--model", self.model, *self.serve_flags]
+        if replica.kv_events_port:
+            cmd += ["--kv-events-config", json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
+                                                      "endpoint": f"tcp://127.0.0.1:{replica.kv_events_port}"})]
         # A session of its own: a Ctrl-C in the terminal reaches this launcher only, which then
         # stops the router before the replicas.
         replica.process = subprocess.Popen(cmd, stdout=replica.log.open("a"), stderr=subprocess.STDOUT,
@@ -183,6 +191,16 @@ class Fleet:
                "--health-check-endpoint", "/health", "--health-check-interval-secs", str(HEALTH_INTERVAL_S),
                "--health-failure-threshold", str(HEALTH_FAILURES), "--health-check-timeout-secs", "2",
                *self.router_flags]
+        if self.policy == "kv_aware":
+            if not all(r.kv_events_port for r in self.members):
+                raise ValueError("kv_aware needs replicas started with KV events: start the fleet with it")
+            from engine.config import EngineConfig
+
+            for r in self.members:
+                cmd += ["--kv-event-source", f"{r.url}=tcp://127.0.0.1:{r.kv_events_port}"]
+            # The model's identity and block size (vLLM's default 16), which the router needs to
+            # hash a request's tokens as the replicas hash their blocks.
+            cmd += ["--kv-event-model", EngineConfig(model=self.model).resolve_model(), "--kv-event-block-size", "16"]
         self.router = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         wait_http(f"http://127.0.0.1:{self.port}/v1/models", self.router, log, timeout_s=60)
 

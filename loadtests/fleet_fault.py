@@ -1,6 +1,6 @@
 """`make fleet-fault`: a replica killed under load behind vllm-router, then started again.
 
-    python -m loadtests.fleet_fault                         # 2 replicas, consistent_hash, 4 clients
+    python -m loadtests.fleet_fault                         # 2 replicas, sticky_least_loaded, 4 clients
     python -m loadtests.fleet_fault --policy cache_aware --kill-after 10 --after-return 15
 
 Timeline: closed-loop DualFocus load on the fleet (every request on a new scene, with its
@@ -147,7 +147,7 @@ async def scenario(fleet: Fleet, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.fleet_fault", description=__doc__.split("\n\n")[0])
-    p.add_argument("--policy", default="consistent_hash", help="the router's policy (default: %(default)s)")
+    p.add_argument("--policy", default="sticky_least_loaded", help="the router's policy (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=4, help="clients at once (default: %(default)s)")
     p.add_argument("--kill-after", type=float, default=10, help="seconds of load before the kill (default: %(default)s)")
     p.add_argument("--after-return", type=float, default=15,
