@@ -53,7 +53,8 @@ def conversations(n_images: int, n_questions: int, seed: int) -> list[list[scene
 
 
 async def run_conversations(url: str, convs: list[list[scenes.Item]], concurrency: int, mode: str,
-                            max_tokens: int, think_s: float = 0.0, seed: int = 0) -> tuple[list[systems.Sample], float]:
+                            max_tokens: int, think_s: float = 0.0, seed: int = 0,
+                            session_keys: bool = True) -> tuple[list[systems.Sample], float]:
     """Each client takes the next conversation and asks its questions in order, pausing a random
     0..think_s between an answer and the next question (a user reading it)."""
     rng = random.Random(seed)
@@ -66,7 +67,7 @@ async def run_conversations(url: str, convs: list[list[scenes.Item]], concurrenc
         try:
             r = await client.chat.completions.create(
                 model=MODEL, max_tokens=max_tokens, messages=[systems._user(item.question, item.image_url)],
-                extra_headers={"X-Session-ID": session_key(item)},
+                extra_headers={"X-Session-ID": session_key(item)} if session_keys else None,
                 extra_body={"dualfocus": {"mode": mode, "return_trace": True}})
         except openai.APIError as e:
             return systems.Sample(False, time.perf_counter() - t0, error=type(e).__name__)
@@ -116,7 +117,7 @@ def measure(fleet: Fleet, config: str, mode: str, args: argparse.Namespace, seed
     before, router_before = replica_counters(fleet, indexes), (router_counters(fleet) if config != "single" else {})
     convs = conversations(args.images, args.questions, seed)
     samples, wall = asyncio.run(run_conversations(url, convs, args.concurrency, mode, args.max_tokens,
-                                                  args.think_s, seed))
+                                                  args.think_s, seed, not args.no_session_key))
     after = replica_counters(fleet, indexes)
     delta = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before)]
     hits, queries = sum(d["hits"] for d in delta), sum(d["queries"] for d in delta)
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--think-s", type=float, default=2.0,
                    help="pause before a follow-up question, uniform in 0..THINK_S seconds (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=8, help="default: %(default)s")
+    p.add_argument("--no-session-key", action="store_true", help="send no X-Session-ID (clients that do not)")
+    p.add_argument("--no-docs", action="store_true",
+                   help="write the results JSON only, not docs/benchmarks.md (supplementary runs)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="per replica (default: %(default)s)")
     p.add_argument("--report-only", type=Path, metavar="RESULTS.json",
                    help="only rewrite the docs/benchmarks.md section from an earlier run's results")
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                "router_version": importlib.metadata.version("vllm-router"),
                "images": args.images, "questions_per_image": args.questions, "concurrency": args.concurrency,
                "max_tokens": args.max_tokens, "kv_cache_gib": args.kv_cache_gib, "think_s": args.think_s,
+               "session_keys": not args.no_session_key,
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": []}
     # Started as kv_aware when that policy is compared: only then do the replicas publish KV events.
     first = "kv_aware" if "kv_aware" in policies else policies[0]
@@ -183,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = ROOT / "loadtests" / "results" / f"fleet-{stamp}.json"
     out.write_text(json.dumps(results, indent=2))
-    write_report(results, out)
+    if args.no_docs:
+        print(f"wrote {out}", flush=True)
+    else:
+        write_report(results, out)
     return 0
 
 

@@ -38,6 +38,7 @@ class Outcome:
     end: float
     status: int | None  # None: no HTTP answer at all
     error: str | None = None  # the error body's message (or the transport error)
+    content_type: str | None = None
 
 
 async def load(url: str, stop: asyncio.Event, t0: float, concurrency: int, max_tokens: int,
@@ -65,7 +66,8 @@ async def load(url: str, stop: asyncio.Event, t0: float, concurrency: int, max_t
                         error = str(r.json().get("error", r.text))[:300]
                     except ValueError:
                         error = r.text[:300]
-                outcomes.append(Outcome(start, time.monotonic() - t0, r.status_code, error))
+                outcomes.append(Outcome(start, time.monotonic() - t0, r.status_code, error,
+                                        r.headers.get("content-type")))
             except httpx.HTTPError as e:
                 outcomes.append(Outcome(start, time.monotonic() - t0, None, f"{type(e).__name__}: {e}"[:300]))
 
@@ -117,10 +119,10 @@ async def scenario(fleet: Fleet, args: argparse.Namespace) -> dict:
         await asyncio.sleep(0.25)
     events["router_marked_healthy"] = now()
     await asyncio.sleep(args.after_return)
-    served_after = [replica_requests(fleet, i) for i in range(len(fleet.members))]
     stop.set()
-    outcomes = await task
+    outcomes = await task  # the requests in flight finish
     events["load_stopped"] = now()
+    served_after = [replica_requests(fleet, i) for i in range(len(fleet.members))]
 
     failed = [o for o in outcomes if o.status != 200]
     by_kind: dict[str, int] = {}
@@ -132,7 +134,7 @@ async def scenario(fleet: Fleet, args: argparse.Namespace) -> dict:
         "events_s": events,
         "requests": len(outcomes), "completed": len(outcomes) - len(failed), "failed": len(failed),
         "failed_by_kind": by_kind,
-        "failed_examples": sorted({(o.status, o.error) for o in failed})[:5],
+        "failed_examples": sorted({(o.status, o.content_type, o.error) for o in failed}, key=str)[:5],
         "error_window_s": round(max(o.end for o in failed) - min(o.end for o in failed), 2) if failed else 0.0,
         "errors_from_kill_s": round(max(o.end for o in failed) - events["killed"], 2) if failed else 0.0,
         "failed_started_before_kill": sum(o.start < events["killed"] for o in failed),
