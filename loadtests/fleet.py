@@ -129,6 +129,7 @@ class Fleet:
     metrics_port: int = 0
     serve_flags: list[str] = field(default_factory=list)
     router_flags: list[str] = field(default_factory=list)
+    kv_events: bool | None = None  # replicas publish KV-cache events (None: when the policy is kv_aware)
     logs: Path = ROOT / "loadtests" / "results" / "tmp" / "fleet"
     members: list[Replica] = field(default_factory=list)
     router: subprocess.Popen | None = None
@@ -158,8 +159,9 @@ class Fleet:
             ensure_tiny(self.model)  # built once here: replicas building it at the same time collide
         try:
             # kv_aware needs the replicas' KV-cache events: each publishes on a port of its own.
+            events = self.policy == "kv_aware" if self.kv_events is None else self.kv_events
             self.members = [Replica(free_port(), self.logs / f"replica-{i}.log",
-                                    kv_events_port=free_port() if self.policy == "kv_aware" else 0)
+                                    kv_events_port=free_port() if events else 0)
                             for i in range(self.replicas)]
             for replica in self.members:  # all load at once, then wait for each
                 replica.log.write_text("")  # a restarted replica appends to its log
