@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= tiny-llava
 
-.PHONY: help install test-tools models serve lint test test-fast bench soak docker clean
+.PHONY: help install test-tools models serve lint test test-fast bench soak fleet fleet-bench fleet-fault docker clean
 
 help:
 	@echo "make serve   set up, build the default tiny model if missing, and serve it on 127.0.0.1:8000"
@@ -13,6 +13,9 @@ help:
 	@echo "make models  build the embedded tiny checkpoints (prints NAME PATH)"
 	@echo "make bench   this service vs stock vLLM vs the reference's way (docs/benchmarks.md)"
 	@echo "make soak    2 minutes at 4x the sustainable rate: stays up, refuses politely (docs/reliability.md)"
+	@echo "make fleet   REPLICAS=2 POLICY=sticky_least_loaded: replicas behind vllm-router on 127.0.0.1:8000 (docs/deploy.md)"
+	@echo "make fleet-bench  cached share and throughput by router policy (docs/benchmarks.md)"
+	@echo "make fleet-fault  a replica killed under load behind the router (docs/reliability.md)"
 	@echo "make docker  build the image dualfocus-serve:cpu (VARIANT=gpu: CUDA; needs a Docker engine; docs/deploy.md)"
 
 install:
@@ -52,6 +55,22 @@ bench: install
 # Overload for 2 minutes at 4x the sustainable rate (not in `make test`): docs/reliability.md.
 soak: install
 	$(PY) -m loadtests.soak --factor 4 --duration 120
+
+# Several replicas behind the vLLM project's router on this machine (docs/deploy.md, "Many replicas").
+# Ctrl-C stops the router and the replicas. More `dualfocus serve` flags: FLEET_FLAGS.
+REPLICAS ?= 2
+POLICY ?= sticky_least_loaded
+FLEET_FLAGS ?= --kv-cache-gib 1
+fleet: install
+	$(PY) -m loadtests.fleet --replicas $(REPLICAS) --policy $(POLICY) --model $(MODEL) -- $(FLEET_FLAGS)
+
+# Cached share and throughput by router policy, one replica alone as the reference (about 10 minutes).
+fleet-bench: install
+	$(PY) -m loadtests.fleet_bench
+
+# A replica killed under load and started again, behind the router (a few minutes; not in `make test`).
+fleet-fault: install
+	$(PY) -m loadtests.fleet_fault
 
 # The service as an image, installed by deploy/install.sh like `make` (docs/deploy.md). Needs a
 # Docker engine with BuildKit, which the machines this project is developed on do not run.

@@ -72,6 +72,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in a batch (default: vLLM's)")
     g.add_argument("--dtype", default="auto", help="default: %(default)s")
+    g.add_argument(
+        "--kv-events-config",
+        type=_kv_events_config,
+        default=None,
+        metavar="JSON",
+        help="vLLM's KV-cache event publisher, e.g. '{\"enable_kv_cache_events\": true, "
+        '"publisher": "zmq", "endpoint": "tcp://*:5557"}\' (what vllm-router\'s '
+        "kv_aware policy subscribes to; default: off)",
+    )
+
+
+def _kv_events_config(text: str):
+    from vllm.config import KVEventsConfig
+
+    return KVEventsConfig(**json.loads(text))
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -90,6 +105,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enforce_eager=args.enforce_eager,
         max_num_seqs=args.max_num_seqs,
         dtype=args.dtype,
+        extra={"kv_events_config": args.kv_events_config} if args.kv_events_config else {},
     )
 
 

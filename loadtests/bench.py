@@ -29,6 +29,8 @@ from .loadgen import git_revision, machine, request_fn, run_load, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-llava"
+# Where docs/benchmarks.md's section written by loadtests/fleet_bench.py begins.
+FLEET_MARKER = "<!-- Many replicas: written by python -m loadtests.fleet_bench; make bench keeps it -->"
 
 
 def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
@@ -140,7 +142,10 @@ def main(argv=None) -> int:
 
 def write_report(results: dict, results_path: Path) -> None:
     plot(results, ROOT / "docs" / "benchmarks.png")
-    (ROOT / "docs" / "benchmarks.md").write_text(report(results, results_path.relative_to(ROOT)))
+    doc = ROOT / "docs" / "benchmarks.md"
+    # The fleet section (python -m loadtests.fleet_bench) comes from another run: kept as it is.
+    kept = doc.read_text().partition(FLEET_MARKER)[1:] if doc.exists() else ("", "")
+    doc.write_text(report(results, results_path.relative_to(ROOT)) + ("\n" + "".join(kept) if kept[0] else ""))
     print(f"wrote docs/benchmarks.md and docs/benchmarks.png from {results_path}", flush=True)
 
 

@@ -33,7 +33,9 @@ K8S = DEPLOY / "k8s"
 SCHEMAS = Path(__file__).parent / "schemas"  # vendored, with their sources: schemas/README.md
 # The oldest and the newest Kubernetes release the manifests are checked against.
 K8S_VERSIONS = ("1.29.0", "1.37.0")
-CRD_SCHEMAS = {"ServiceMonitor": "servicemonitor_v1.json", "PrometheusRule": "prometheusrule_v1.json"}
+# Kinds defined by CRDs, against their vendored schemas (tests/schemas/README.md).
+CRD_SCHEMAS = {"ServiceMonitor": "servicemonitor_v1.json", "PrometheusRule": "prometheusrule_v1.json",
+               "InferencePool": "inferencepool_v1.json", "HTTPRoute": "httproute_v1.json"}
 
 
 def load_yaml(path: Path):
@@ -304,9 +306,9 @@ def kind(docs: list[dict], name: str) -> dict:
 
 
 def validate_k8s(doc: dict, version: str) -> None:
-    """Built-in kinds strictly against the Kubernetes schemas (unknown fields are errors);
-    the Prometheus Operator's kinds against their CRD schemas (vendored in tests/schemas)."""
-    if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+    """Built-in kinds strictly against the Kubernetes schemas (unknown fields are errors); the
+    Prometheus Operator's and the Gateway API's kinds against their CRD schemas (tests/schemas)."""
+    if doc["kind"] in CRD_SCHEMAS:
         schema = json.loads((SCHEMAS / CRD_SCHEMAS[doc["kind"]]).read_text())
         jsonschema.Draft7Validator(schema).validate(doc)
     else:
@@ -489,10 +491,186 @@ def test_every_metric_the_deploy_files_use_is_exported(server):
             exported.add(sample.name)
             labels.setdefault(sample.name, set()).update(sample.labels)
 
-    missing, unknown_labels = [], []
+    missing = [f"{name} (the endpoint picker, deploy/k8s/components/inference-pool)"
+               for name in EPP_METRICS - exported]
+    unknown_labels = []
     for where, expr in used_promql():
         missing += [f"{name} ({where})" for name in promql_metric_names(expr) - PROMETHEUS_MADE - exported]
         unknown_labels += [f"{metric}{{{label}}} ({where})" for metric, label in promql_label_names(expr)
                            if metric not in PROMETHEUS_MADE and label not in TARGET_LABELS
                            and label not in labels.get(metric, set())]
     assert not missing and not unknown_labels, {"not exported": missing, "labels not on the metric": unknown_labels}
+
+
+# --- many replicas: vllm-router (compose profile fleet, deploy/k8s/router) and an InferencePool ---
+
+def router_args(argv: list[str]):
+    """Arguments as the installed vllm-router parses them (its own parser: an unknown flag exits)."""
+    from vllm_router.launch_router import parse_router_args
+
+    return parse_router_args(argv)
+
+
+def component_documents(name: str) -> list[dict]:
+    folder = K8S / "components" / name
+    listed = load_yaml(folder / "kustomization.yaml")["resources"]
+    assert sorted(listed) == sorted(p.name for p in folder.glob("*.yaml") if p.name != "kustomization.yaml")
+    return [doc for file in listed for doc in load_all(folder / file)]
+
+
+def named(docs: list[dict], kind_name: str, name: str) -> dict:
+    [doc] = [d for d in docs if d["kind"] == kind_name and d["metadata"]["name"] == name]
+    return doc
+
+
+def replica_pod() -> tuple[dict, dict]:
+    """The base Deployment's pod labels and its container."""
+    pod = kind(base_documents(), "Deployment")["spec"]["template"]
+    return pod["metadata"]["labels"], pod["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("component", ["router", "inference-pool"])
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_fleet_manifests_validate(component, version):
+    docs = component_documents(component)
+    assert docs
+    for doc in docs:
+        validate_k8s(doc, version)
+
+
+def test_crd_validation_catches_a_misspelt_field():
+    pool = named(component_documents("inference-pool"), "InferencePool", "dualfocus")
+    pool["spec"]["targetPort"] = pool["spec"].pop("targetPorts")
+    with pytest.raises(jsonschema.ValidationError, match="targetPort"):
+        validate_k8s(pool, K8S_VERSIONS[-1])
+    route = named(component_documents("inference-pool"), "HTTPRoute", "dualfocus")
+    route["spec"]["rules"][0]["backendRefs"][0]["kind"] = 7
+    with pytest.raises(jsonschema.ValidationError):
+        validate_k8s(route, K8S_VERSIONS[-1])
+
+
+@pytest.mark.parametrize("overlay,component", [("router", "router"), ("inference-gateway", "inference-pool")])
+def test_fleet_overlays_build(overlay, component):
+    docs = kustomize(overlay)
+    assert len(docs) == len(base_documents()) + len(component_documents(component))
+    for doc in docs:
+        for version in K8S_VERSIONS:
+            validate_k8s(doc, version)
+
+
+def test_k8s_router_is_wired_to_the_replicas():
+    docs = component_documents("router")
+    labels, replica = replica_pod()
+    dep, svc = named(docs, "Deployment", "dualfocus-router"), named(docs, "Service", "dualfocus-router")
+    pod = dep["spec"]["template"]
+    [container] = pod["spec"]["containers"]
+    assert container["command"] == ["vllm-router"]
+    assert container["image"].split(":")[0] == replica["image"].split(":")[0], "vllm-router is in the service's image"
+    args = router_args(container["args"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+
+    # Service discovery finds the replica pods, not the router's own.
+    assert args.service_discovery and args.selector
+    assert args.selector.items() <= labels.items()
+    assert not args.selector.items() <= pod["metadata"]["labels"].items()
+    assert args.service_discovery_port == replica["ports"][0]["containerPort"]
+    assert args.service_discovery_namespace == "$(POD_NAMESPACE)"
+    assert {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} in container["env"]
+    assert args.health_check_endpoint == replica["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert args.policy in {"sticky_least_loaded", "consistent_hash", "cache_aware", "round_robin", "power_of_two"}
+    assert (args.host, args.port, args.prometheus_host, args.prometheus_port) == \
+        ("0.0.0.0", ports["http"], "0.0.0.0", ports["metrics"])
+    # The router waits for replicas as long as a replica may take to load (the replicas' startup probe).
+    startup = replica["startupProbe"]
+    assert args.worker_startup_timeout_secs >= startup["periodSeconds"] * startup["failureThreshold"]
+
+    # Its service account may list and watch pods in its namespace, and only that.
+    role, binding = named(docs, "Role", "dualfocus-router"), named(docs, "RoleBinding", "dualfocus-router")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["spec"]["serviceAccountName"]}]
+    assert named(docs, "ServiceAccount", pod["spec"]["serviceAccountName"])
+
+    # The Service reaches the router; the ServiceMonitor scrapes its metrics port.
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} == set(ports)
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "http"
+    monitor = named(docs, "ServiceMonitor", "dualfocus-router")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert monitor["metadata"]["labels"]["release"] == kind(base_documents(), "ServiceMonitor")["metadata"]["labels"]["release"]
+
+
+def test_inference_pool_is_wired_to_the_replicas_and_the_picker():
+    docs = component_documents("inference-pool")
+    labels, replica = replica_pod()
+    pool = named(docs, "InferencePool", "dualfocus")
+    assert pool["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == [replica["ports"][0]["containerPort"]]
+
+    # The picker: its Service and port, its arguments naming this pool, its scoring config mounted.
+    ref = pool["spec"]["endpointPickerRef"]
+    svc = named(docs, "Service", ref["name"])
+    [grpc] = [p for p in svc["spec"]["ports"] if p["port"] == ref["port"]["number"]]
+    epp = named(docs, "Deployment", ref["name"])
+    [container] = epp["spec"]["template"]["spec"]["containers"]
+    assert grpc["targetPort"] in {p["name"] for p in container["ports"]}
+    assert svc["spec"]["selector"].items() <= epp["spec"]["template"]["metadata"]["labels"].items()
+    flags = dict(arg.removeprefix("--").split("=", 1) for arg in container["args"])
+    assert flags["pool-name"] == pool["metadata"]["name"]
+    assert flags["pool-group"] == pool["apiVersion"].split("/")[0]
+    [mount] = container["volumeMounts"]
+    [volume] = epp["spec"]["template"]["spec"]["volumes"]
+    assert volume["name"] == mount["name"] and flags["config-file"].startswith(mount["mountPath"] + "/")
+    config_map = named(docs, "ConfigMap", volume["configMap"]["name"])
+    config = yaml.safe_load(config_map["data"][flags["config-file"].rsplit("/", 1)[1]])
+    plugins = {p["type"] for p in config["plugins"]}
+    assert {"prefix-cache-scorer", "queue-scorer", "kv-cache-utilization-scorer"} <= plugins
+    for profile in config["schedulingProfiles"]:
+        assert {p["pluginRef"] for p in profile["plugins"]} <= plugins
+
+    # Its service account reads the pool and the pods.
+    role = named(docs, "Role", "dualfocus-epp")
+    granted = {(group, resource) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] if {"list", "watch"} <= set(rule["verbs"])}
+    assert {("", "pods"), ("inference.networking.k8s.io", "inferencepools")} <= granted
+    assert epp["spec"]["template"]["spec"]["serviceAccountName"] == \
+        named(docs, "RoleBinding", "dualfocus-epp")["subjects"][0]["name"]
+
+    # The route sends the Gateway's traffic to the pool.
+    route = named(docs, "HTTPRoute", "dualfocus")
+    [backend] = [b for rule in route["spec"]["rules"] for b in rule["backendRefs"]]
+    assert (backend["group"], backend["kind"], backend["name"]) == \
+        (pool["apiVersion"].split("/")[0], pool["kind"], pool["metadata"]["name"])
+
+
+# The series the endpoint picker reads from every replica's /metrics (the extension's model server
+# protocol for vLLM); checked against a running server in test_every_metric_the_deploy_files_use_is_exported.
+EPP_METRICS = {"vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+               "vllm:cache_config_info"}
+
+
+def test_compose_fleet_profile_routes_to_its_replicas():
+    services = compose()["services"]
+    router = services["router"]
+    assert router["profiles"] == ["fleet"] and router["entrypoint"] == ["vllm-router"]
+    args = router_args(router["command"])
+    replicas = [name for name in services if name.startswith("replica-")]
+    assert len(replicas) >= 2
+    port = int(image_env()["DUALFOCUS_PORT"])
+    assert sorted(args.worker_urls) == sorted(f"http://{name}:{port}" for name in replicas)
+    for name in replicas:
+        service = services[name]
+        assert service["profiles"] == ["fleet"] and service["image"] == router["image"]
+        assert "ports" not in service, "replicas are reached through the router only"
+        assert "dualfocus" in service["networks"]["default"]["aliases"], "scraped as job dualfocus"
+        assert router["depends_on"][name] == {"condition": "service_healthy"}
+        serve_args(compose_env(service)["DUALFOCUS_SERVE_FLAGS"])
+    assert args.host == "0.0.0.0" and args.health_check_endpoint == "/health"
+    # The image's healthcheck asks DUALFOCUS_PORT/health: the router answers /health on that port.
+    assert args.port == port and router["ports"] == [f"127.0.0.1:8080:{port}"]
+    jobs = {job["job_name"]: job for job in load_yaml(DEPLOY / "prometheus/prometheus.yml")["scrape_configs"]}
+    [sd] = jobs["vllm-router"]["dns_sd_configs"]
+    assert sd["names"] == ["router"] and sd["port"] == args.prometheus_port and args.prometheus_host == "0.0.0.0"
