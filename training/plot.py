@@ -22,14 +22,14 @@ def plot(log: Path, out: Path) -> None:
     stages = ("vision", "projector", "full")
     for ax, title, keys in (
         (axes[0], "loss", ["loss"]),
-        (axes[1], "stage 1: vision heads (accuracy)", ["colour_acc", "dot_acc"]),
+        (axes[1], "vision heads: per-patch accuracy", ["colour_acc", "dot_acc", "vision_colour_acc", "vision_dot_acc"]),
         (axes[2], "stages 2-3: teacher-forced accuracy", ["acc_macro", "acc_micro", "acc_scoring", "acc_box_tokens"]),
     ):
         for key in keys:
             for stage in stages:
                 pts = [(r["elapsed_s"] / 60, r[key]) for r in rows if r["stage"] == stage and key in r]
                 if pts:
-                    label = f"{key} ({stage})" if key == "loss" else f"{key}" + (" (full)" if stage == "full" else "")
+                    label = f"{key} ({stage})"
                     ax.plot(*zip(*pts), label=label)
         ax.set_title(title)
         ax.set_xlabel("minutes")

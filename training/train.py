@@ -11,7 +11,8 @@ Stages (the language-model loss alone, from scratch, stays at chance on this tas
      scoring-turn answers fusion compares;
   3. the same at half the learning rate (the tower at a tenth).
 Progress (losses, teacher-forced accuracies, elapsed time) goes to --log as JSON lines; the
-training state is saved every --checkpoint-every steps to OUT/../.train-state.pt (for --resume).
+training state is saved every --checkpoint-every steps and at each stage's end to OUT/../.train-state.pt
+(for --resume and --export-only).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch threads; on a shared 2-core machine 1 is faster than 2 (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between saves (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/../.train-state.pt")
+    p.add_argument("--state", type=Path, help="training state file (default: OUT/../.train-state.pt)")
+    p.add_argument("--export-only", action="store_true",
+                   help="write OUT from the saved training state (e.g. of a run still going) and stop")
     return p.parse_args(argv)
 
 
@@ -86,13 +90,13 @@ def main(argv=None) -> int:
     config = build_config(tokenizer)
     model = LlavaForConditionalGeneration(config).float()
     heads = VisionHeads(config.vision_config.hidden_size)
-    state_path = args.out.parent / ".train-state.pt"
+    state_path = args.state or args.out.parent / ".train-state.pt"
     stages = [("vision", args.vision_steps), ("projector", args.projector_steps), ("full", args.full_steps)]
     done = {"vision": 0, "projector": 0, "full": 0}
     stage_seconds: dict[str, float] = {}
     steps_taken: dict[str, int] = {}
     elapsed0 = 0.0
-    if args.resume and state_path.exists():
+    if (args.resume or args.export_only) and state_path.exists():
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
@@ -102,6 +106,10 @@ def main(argv=None) -> int:
             budget = args.minutes[i] * 60 if args.minutes else math.inf
             if stage in steps_taken and steps_taken[stage] < steps and stage_seconds[stage] < budget:
                 done[stage] = steps_taken.pop(stage)
+    if args.export_only:
+        save_checkpoint(model, tokenizer, args.out, meta={"steps": done, "train_seconds": round(elapsed0)})
+        print(f"exported {args.out} from {state_path} (steps {done})")
+        return 0
     args.log.parent.mkdir(parents=True, exist_ok=True)
     log = args.log.open("a")
     t0 = time.monotonic() - elapsed0
