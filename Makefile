@@ -1,9 +1,9 @@
 # The two commands a fresh machine needs: `make serve` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-MODEL ?= tiny-llava
+MODEL ?= tiny-dualfocus
 
-.PHONY: help install test-tools models serve lint test test-fast bench soak fleet fleet-bench fleet-fault docker clean
+.PHONY: help install test-tools models serve lint test test-fast eval bench soak fleet fleet-bench fleet-fault docker clean
 
 help:
 	@echo "make serve   set up, build the default tiny model if missing, and serve it on 127.0.0.1:8000"
@@ -11,6 +11,7 @@ help:
 	@echo "make lint    ruff (lint, format) and mypy on engine/ server/ clients/"
 	@echo "make test-fast  the tests that need no vLLM engine (seconds)"
 	@echo "make models  build the embedded tiny checkpoints (prints NAME PATH)"
+	@echo "make eval    the generated zoom-in task, macro vs DualFocus, on tiny-dualfocus (docs/paper.md; ~10 min)"
 	@echo "make bench   this service vs stock vLLM vs the reference's way (docs/benchmarks.md)"
 	@echo "make soak    2 minutes at 4x the sustainable rate: stays up, refuses politely (docs/reliability.md)"
 	@echo "make fleet   REPLICAS=2 POLICY=sticky_least_loaded: replicas behind vllm-router on 127.0.0.1:8000 (docs/deploy.md)"
@@ -47,6 +48,10 @@ test: install test-tools lint
 # Everything that needs no vLLM engine: no in-process engine, no server subprocess (seconds, not minutes).
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not engine and not server"
+
+# Macro vs DualFocus on 400 generated test questions of the task tiny-dualfocus is trained on (training/README.md).
+eval: install
+	$(PY) -m training.evaluate --model $(MODEL) --questions 400 --out eval-out
 
 # The side-by-side benchmark (about 10 minutes): results in loadtests/results/, table in docs/benchmarks.md.
 bench: install

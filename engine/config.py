@@ -12,7 +12,8 @@ DEFAULT_MODEL = "tiny-llava"
 class EngineConfig:
     """What the DualFocus engine runs. Unset fields keep vLLM's defaults."""
 
-    # A tiny-* name (built locally if missing), a checkpoint folder, or a hub name.
+    # A tiny-* name (built locally if missing; tiny-dualfocus is trained, in training/), a checkpoint folder,
+    # or a hub name.
     model: str = DEFAULT_MODEL
     family: str = "auto"  # auto | llava | qwen2_vl | qwen2_5_vl
     max_model_len: int | None = 4096
@@ -37,10 +38,11 @@ class EngineConfig:
     extra: dict = field(default_factory=dict)
 
     def resolve_model(self) -> str:
-        # A tiny-* name means "build it if missing": only then is the builder imported.
-        from .tiny import TINY_MODELS, ensure_tiny
+        # A tiny-* name means "build it if missing" (tiny-dualfocus: the trained one in training/): only then
+        # is the builder imported.
+        from .tiny import TINY_MODELS, TRAINED_MODELS, ensure_tiny
 
-        if self.model in TINY_MODELS:
+        if self.model in TINY_MODELS or self.model in TRAINED_MODELS:
             return str(ensure_tiny(self.model))
         return str(Path(self.model).expanduser()) if Path(self.model).expanduser().exists() else self.model
 

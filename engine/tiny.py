@@ -20,6 +20,8 @@ from .families.llava import CHAT_TEMPLATE as LLAVA_CHAT_TEMPLATE
 from .families.qwen2_vl import CHAT_TEMPLATE as QWEN_CHAT_TEMPLATE
 
 TINY_MODELS = ("tiny-llava", "tiny-qwen2-vl")
+# Trained checkpoints committed in the repository (training/README.md): served by name, never rebuilt.
+TRAINED_MODELS = {"tiny-dualfocus": Path(__file__).resolve().parent.parent / "training" / "tiny-dualfocus"}
 # Bump when the recipe changes, so cached builds of an older recipe are rebuilt.
 RECIPE_VERSION = "3"
 _MANIFEST = "dualfocus-tiny.json"
@@ -37,9 +39,14 @@ def cache_dir() -> Path:
 
 
 def ensure_tiny(name: str, root: Path | None = None) -> Path:
-    """Path of tiny checkpoint `name`, built first if missing or corrupt."""
+    """Path of tiny checkpoint `name`, built first if missing or corrupt (a trained one: its folder)."""
+    if name in TRAINED_MODELS:
+        path = TRAINED_MODELS[name]
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{name}: no checkpoint in {path} (see training/README.md)")
+        return path
     if name not in TINY_MODELS:
-        raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
+        raise ValueError(f"unknown tiny model {name!r}; known: {', '.join((*TINY_MODELS, *TRAINED_MODELS))}")
     path = (root or cache_dir()) / name
     if not _is_intact(path):
         _build(name, path)

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "systems": {}}
 
     print("this service", flush=True)
-    server = start([sys.executable, "-m", "dualfocus", "serve", "--port", str(args.port), "--model", MODEL,
+    server = start([sys.executable, "-m", "clients", "serve", "--port", str(args.port), "--model", MODEL,
                     "--max-inflight-requests", "256"], args.port, logs / "ours.log")
     try:
         results["systems"]["ours-dualfocus"] = measure(args.port, "ours", "dualfocus", levels, dualfocus_items, warmup,

@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     out = args.out or ROOT / "loadtests" / "results" / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_suffix(".server.log")
-    server = start([sys.executable, "-m", "dualfocus", "serve", "--model", MODEL, "--port", str(port),
+    server = start([sys.executable, "-m", "clients", "serve", "--model", MODEL, "--port", str(port),
                     "--max-inflight-requests", str(args.max_inflight_requests), *args.serve_flags], port, log)
     try:
         result = asyncio.run(overload(f"http://127.0.0.1:{port}", "none", server.pid, factor=args.factor,

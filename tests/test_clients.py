@@ -104,7 +104,7 @@ async def test_rate_limited_carries_retry_after(server):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "dualfocus", "ask", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "clients", "ask", *args], capture_output=True, text=True,
                           timeout=120)
 
 

@@ -358,7 +358,7 @@ def test_cli_refuses_with_a_message_and_exit_status(tmp_path):
     (tmp_path / "qwen").mkdir()
     (tmp_path / "qwen" / "config.json").write_text(json.dumps(
         {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
-    out = subprocess.run([sys.executable, "-m", "dualfocus", "convert-llava", str(tmp_path / "qwen"),
+    out = subprocess.run([sys.executable, "-m", "clients", "convert-llava", str(tmp_path / "qwen"),
                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stdout == ""
     assert "error:" in out.stderr and "unknown layout" in out.stderr and "LlavaLlamaForCausalLM" in out.stderr

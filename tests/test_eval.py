@@ -138,7 +138,7 @@ def synthetic_set(folder):
 
 
 def run_eval(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "dualfocus", "eval", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "clients", "eval", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout)
 
 

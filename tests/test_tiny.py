@@ -37,7 +37,7 @@ def test_llava_checkpoint_has_the_llava_1_5_shape(tiny_llava_path):
 
 def test_cli_prints_one_line_per_checkpoint(tmp_path):
     env = {"DUALFOCUS_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "dualfocus", "build-tiny"], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "clients", "build-tiny"], env=env, capture_output=True,
                          text=True, check=True).stdout
     lines = [line.split(" ") for line in out.strip().splitlines()]
     assert [name for name, _ in lines] == list(TINY_MODELS)

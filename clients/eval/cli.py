@@ -24,8 +24,25 @@ def add_parser(sub) -> None:
         "options, normalised exact match otherwise; questions without ground truth are answered, not "
         "scored. See docs/paper.md for the paper's sets.",
     )
-    p.add_argument("questions", metavar="QUESTIONS.jsonl", type=Path)
-    p.add_argument("--images", required=True, type=Path, help="folder the questions' 'image' paths are relative to")
+    p.add_argument(
+        "questions", metavar="QUESTIONS.jsonl", type=Path, nargs="?", help="the evaluation set (not with --generate)"
+    )
+    p.add_argument("--images", type=Path, help="folder the questions' 'image' paths are relative to")
+    p.add_argument(
+        "--generate",
+        type=int,
+        metavar="N",
+        help="instead of a file: N questions of the generated zoom-in task tiny-dualfocus is trained on "
+        "(training/task.py; kinds in turn: detail, detail multiple-choice, count, presence), written "
+        "to OUT/questions.jsonl and OUT/images/, with scene seeds disjoint from training's; also "
+        "reports accuracy per kind, fusion's choices per kind and the box's IoU with the asked sign",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="with --generate: which test set (default: %(default)s, the one docs/paper.md reports)",
+    )
     p.add_argument(
         "--mode",
         choices=list(MODES),
@@ -59,6 +76,20 @@ def run(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         print("error: --concurrency must be at least 1", file=sys.stderr)
         return 2
+    if (args.questions is None) == (args.generate is None):
+        print("error: give either QUESTIONS.jsonl (with --images) or --generate N", file=sys.stderr)
+        return 2
+    if args.generate is not None:
+        from .generated import write_test_set
+
+        if args.generate < 1:
+            print("error: --generate needs at least 1 question", file=sys.stderr)
+            return 2
+        args.questions = write_test_set(args.generate, args.seed, args.out)
+        args.images = args.out / "images"
+    elif args.images is None:
+        print("error: --images is required with QUESTIONS.jsonl", file=sys.stderr)
+        return 2
     try:
         questions = load_questions(args.questions, args.images)
     except EvalError as e:
@@ -86,10 +117,15 @@ def run(args: argparse.Namespace) -> int:
     for mode in modes:
         write_answers(answers[mode], args.out / f"answers-{mode}.jsonl", args.model_id or model)
         summaries[mode] = summarize(answers[mode])
-    (args.out / "summary.json").write_text(
-        json.dumps({"questions_file": str(args.questions), "model": model, "modes": summaries}, indent=1)
-    )
+    summary = {"questions_file": str(args.questions), "model": model, "modes": summaries}
+    if args.generate is not None:
+        from .generated import task_report, task_summary
+
+        summary["task"] = task_summary(answers)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(report(summaries))
+    if "task" in summary:
+        print("\nthe generated zoom-in task (% correct)\n" + task_report(summary["task"]))
     print("answers: " + ", ".join(str(args.out / f"answers-{mode}.jsonl") for mode in modes))
     failed = sum(s["errors"] for s in summaries.values())
     if failed:

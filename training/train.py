@@ -1,0 +1,238 @@
+"""Train tiny-dualfocus in three stages (seeded); write a checkpoint vLLM loads as any LLaVA.
+
+    python -m training.train --out training/tiny-dualfocus --log training/tiny-dualfocus/train-log.jsonl
+
+Stages (the language-model loss alone, from scratch, stays at chance on this task):
+  1. vision: the CLIP tower with small direct heads on its patch features (sign colour at each
+     patch, dot colour in each patch, the covering sign's box), on full images and crops;
+  2. projector + language model on the DualFocus prompts, the tower at a fifth of the learning
+     rate and still taught by its heads (on a small side batch): macro answers on the
+     full image, the box for the question, micro answers on [full image, crop], and the
+     scoring-turn answers fusion compares;
+  3. the same at half the learning rate (the tower at a tenth).
+Progress (losses, teacher-forced accuracies, elapsed time) goes to --log as JSON lines; the
+training state is saved every --checkpoint-every steps and at each stage's end to OUT/../.train-state.pt
+(for --resume and --export-only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import Batches
+from .model import build_config, build_tokenizer, save_checkpoint
+from .task import COLOUR_NAMES
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (created if missing)")
+    p.add_argument("--log", type=Path, required=True, help="JSON-lines progress log")
+    p.add_argument("--seed", type=int, default=0, help="seeds weights and the training scenes (default: %(default)s)")
+    p.add_argument("--vision-steps", type=int, default=600, help="stage 1 steps (default: %(default)s)")
+    p.add_argument("--projector-steps", type=int, default=1000, help="stage 2 steps (default: %(default)s)")
+    p.add_argument("--full-steps", type=int, default=800, help="stage 3 steps (default: %(default)s)")
+    p.add_argument("--minutes", type=float, nargs=3, metavar=("VISION", "PROJECTOR", "FULL"),
+                   help="also end each stage after this many minutes (the learning-rate schedule follows whichever "
+                        "of steps and time runs out first), so a run on a shared machine ends on time; "
+                        "training.json records the steps each stage took, to repeat the run with --*-steps")
+    p.add_argument("--vision-batch", type=int, default=32, help="images per stage-1 step (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=16, help="sequences per stage-2/3 step (default: %(default)s)")
+    p.add_argument("--side-vision-batch", type=int, default=16,
+                   help="images per stage-2/3 step for the tower's direct heads (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; on a shared 2-core machine 1 is faster than 2 (default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between saves (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/../.train-state.pt")
+    p.add_argument("--state", type=Path, help="training state file (default: OUT/../.train-state.pt)")
+    p.add_argument("--export-only", action="store_true",
+                   help="write OUT from the saved training state (e.g. of a run still going) and stop")
+    return p.parse_args(argv)
+
+
+class VisionHeads(torch.nn.Module):
+    """Stage 1's direct supervision on the vision tower's patch features (discarded afterwards)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        n = len(COLOUR_NAMES) + 1
+        self.colour, self.dot, self.box = torch.nn.Linear(width, n), torch.nn.Linear(width, n), torch.nn.Linear(width, 4)
+
+
+def lr_at(step: int, progress: float, peak: float, warmup: int = 30) -> float:
+    """Linear warm-up over `warmup` steps, then a cosine from the peak to a tenth of it as progress goes 0 -> 1."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    out = model.model.vision_tower(pixels, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    config = build_config(tokenizer)
+    model = LlavaForConditionalGeneration(config).float()
+    heads = VisionHeads(config.vision_config.hidden_size)
+    state_path = args.state or args.out.parent / ".train-state.pt"
+    stages = [("vision", args.vision_steps), ("projector", args.projector_steps), ("full", args.full_steps)]
+    done = {"vision": 0, "projector": 0, "full": 0}
+    stage_seconds: dict[str, float] = {}
+    steps_taken: dict[str, int] = {}
+    elapsed0 = 0.0
+    if (args.resume or args.export_only) and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        done, elapsed0 = state["done"], state["elapsed"]
+        stage_seconds, steps_taken = state["stage_seconds"], state["steps_taken"]
+        for i, (stage, steps) in enumerate(stages):  # a larger budget than the run had continues a stage
+            budget = args.minutes[i] * 60 if args.minutes else math.inf
+            if stage in steps_taken and steps_taken[stage] < steps and stage_seconds[stage] < budget:
+                done[stage] = steps_taken.pop(stage)
+    if args.export_only:
+        save_checkpoint(model, tokenizer, args.out, meta={"steps": done, "train_seconds": round(elapsed0)})
+        print(f"exported {args.out} from {state_path} (steps {done})")
+        return 0
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    log = args.log.open("a")
+    t0 = time.monotonic() - elapsed0
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M", flush=True)
+
+    def save_state():
+        torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "done": done,
+                    "elapsed": time.monotonic() - t0,
+                    "stage_seconds": stage_seconds, "steps_taken": steps_taken}, state_path)
+
+    def record(entry: dict):
+        entry["elapsed_s"] = round(time.monotonic() - t0, 1)
+        log.write(json.dumps(entry) + "\n")
+        log.flush()
+        print(json.dumps(entry), flush=True)
+
+    vision = model.model.vision_tower
+    for stage, steps in stages:
+        if done[stage] >= steps:
+            continue
+        if stage == "vision":
+            params = [{"params": list(vision.parameters()) + list(heads.parameters()), "lr": args.lr}]
+        elif stage == "projector":
+            params = [{"params": [p for n, p in model.named_parameters() if "vision_tower" not in n], "lr": args.lr},
+                      {"params": list(vision.parameters()) + list(heads.parameters()), "lr": args.lr / 5}]
+        else:
+            params = [{"params": [p for n, p in model.named_parameters() if "vision_tower" not in n], "lr": args.lr / 2},
+                      {"params": list(vision.parameters()) + list(heads.parameters()), "lr": args.lr / 10}]
+        opt = torch.optim.AdamW(params, weight_decay=0.01)
+        # Scenes are rendered in two worker processes while this one trains; each stage and resume gets its own seed.
+        stream = Batches(tokenizer, args.seed * 100 + 10 * len(stages) * done[stage] + stages.index((stage, steps)),
+                         args.vision_batch if stage == "vision" else args.batch, vision=stage == "vision")
+        batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, prefetch_factor=2,
+                                                   collate_fn=lambda b: b))
+        # Stages 2-3 keep the tower's direct heads learning beside the language model, on a small batch
+        # of full images and crops: the dot on the crop is the one thing the language-model loss alone
+        # is too weak to teach the tower.
+        side = None if stage == "vision" else iter(torch.utils.data.DataLoader(
+            Batches(tokenizer, args.seed * 100 + 50 + stages.index((stage, steps)), args.side_vision_batch, vision=True),
+            batch_size=None, num_workers=1, prefetch_factor=2, collate_fn=lambda b: b))
+        peaks = [g["lr"] for g in opt.param_groups]
+        window: dict[str, list[float]] = {}
+        budget = args.minutes[[name for name, _ in stages].index(stage)] * 60 if args.minutes else math.inf
+        started, spent0 = time.monotonic(), stage_seconds.get(stage, 0.0)
+        for step in range(done[stage], steps):
+            spent = spent0 + time.monotonic() - started
+            stage_seconds[stage] = spent
+            if spent > budget:
+                break
+            progress = max(step / steps, spent / budget)
+            for g, peak in zip(opt.param_groups, peaks):
+                g["lr"] = lr_at(step, progress, peak)
+            batch = next(batches)
+            metrics = vision_step(model, heads, batch) if stage == "vision" else lm_step(model, batch)
+            if side is not None:
+                extra = vision_step(model, heads, next(side))
+                metrics["loss_tensor"] = metrics["loss_tensor"] + extra.pop("loss_tensor")
+                metrics.update({f"vision_{k}": v for k, v in extra.items()})
+            opt.zero_grad()
+            metrics.pop("loss_tensor").backward()
+            torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
+            opt.step()
+            for k, v in metrics.items():
+                window.setdefault(k, []).append(v)
+            done[stage] = step + 1
+            if (step + 1) % 20 == 0 or step + 1 == steps:
+                record({"stage": stage, "step": step + 1, "lr": round(opt.param_groups[0]["lr"], 6),
+                        **{k: round(sum(v) / len(v), 4) for k, v in window.items() if v}})
+                window = {}
+            if (step + 1) % args.checkpoint_every == 0 or step + 1 == steps:
+                save_state()
+                save_checkpoint(model, tokenizer, args.out)
+        steps_taken[stage] = done[stage]
+        done[stage] = steps  # a stage that ran out of time is over too
+        record({"stage": stage, "ended_after_steps": steps_taken[stage], "stage_seconds": round(stage_seconds[stage])})
+        save_state()
+    save_checkpoint(model, tokenizer, args.out, meta={
+        "seed": args.seed, "steps": steps_taken, "stage_seconds": {k: round(v) for k, v in stage_seconds.items()}, "batch": args.batch, "vision_batch": args.vision_batch,
+        "train_seconds": round(time.monotonic() - t0), "threads": args.threads})
+    print(f"done in {time.monotonic() - t0:.0f} s; checkpoint: {args.out}", flush=True)
+    return 0
+
+
+def vision_step(model, heads: VisionHeads, batch: dict) -> dict:
+    colour, dot, boxes = batch["colour"].view(-1), batch["dot"].view(-1), batch["boxes"].view(-1, 4)
+    feats = patch_features(model, batch["pixel_values"]).reshape(-1, model.config.vision_config.hidden_size)
+    assert feats.shape[0] == colour.shape[0]
+    c_logits, d_logits = heads.colour(feats), heads.dot(feats)
+    loss_c = F.cross_entropy(c_logits, colour)
+    # Patches with a dot are rare: weigh them up so the head does not learn "no dot".
+    weights = torch.ones(len(COLOUR_NAMES) + 1)
+    weights[1:] = 10.0
+    loss_d = F.cross_entropy(d_logits, dot, weight=weights)
+    has_box = boxes[:, 0] >= 0
+    loss_b = F.l1_loss(heads.box(feats[has_box]), boxes[has_box]) * 10 if has_box.any() else feats.sum() * 0
+    with_dot = dot > 0
+    loss = loss_c + loss_d + loss_b
+    return {"loss_tensor": loss, "loss": loss.item(),
+            "colour_acc": float((c_logits.argmax(-1) == colour).float().mean()),
+            "dot_acc": float((d_logits[with_dot].argmax(-1) == dot[with_dot]).float().mean()) if with_dot.any() else 0.0,
+            "box_l1": loss_b.item() / 10}
+
+
+def lm_step(model, batch: dict) -> dict:
+    ids, labels = batch["input_ids"], batch["labels"]
+    out = model(input_ids=ids, labels=labels, attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"])
+    metrics: dict = {"loss_tensor": out.loss, "loss": out.loss.item()}
+    # Teacher-forced accuracy of the first answer token and of the box tokens, per kind of example.
+    preds = out.logits.argmax(-1)
+    for i, kind in enumerate(batch["kinds"]):
+        at, box_at = int(batch["answer_at"][i]), int(batch["box_at"][i])
+        if at >= 0:
+            metrics.setdefault(f"acc_{kind}", []).append(float(preds[i, at - 1] == ids[i, at]))
+        if box_at >= 0:
+            t = box_at
+            ok = []
+            while t < ids.shape[1] and labels[i, t] != -100:
+                ok.append(float(preds[i, t - 1] == ids[i, t]))
+                t += 1
+            metrics.setdefault("acc_box_tokens", []).append(sum(ok) / len(ok))
+    return {k: (sum(v) / len(v) if isinstance(v, list) else v) for k, v in metrics.items()}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
