@@ -10,6 +10,7 @@ so two builds give the same weights and the same answers.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -48,8 +49,15 @@ def ensure_tiny(name: str, root: Path | None = None) -> Path:
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; known: {', '.join((*TINY_MODELS, *TRAINED_MODELS))}")
     path = (root or cache_dir()) / name
-    if not _is_intact(path):
-        _build(name, path)
+    if _is_intact(path):
+        return path
+    # Several processes may ask at once (replicas of a fleet, test workers): one builds, the
+    # others wait on the lock and then find the finished build.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _is_intact(path):
+            _build(name, path)
     return path
 
 

@@ -44,3 +44,18 @@ def test_cli_prints_one_line_per_checkpoint(tmp_path):
     for name, path in lines:
         assert path == str(tmp_path / "models" / name)
         assert json.loads((tmp_path / "models" / name / "config.json").read_text())["model_type"] in ("llava", "qwen2_vl")
+
+
+def test_processes_building_at_once_both_get_the_checkpoint(tmp_path):
+    # Replicas of a fleet start together on an empty cache: one builds, the other waits for it.
+    import os
+
+    env = {**os.environ, "DUALFOCUS_CACHE": str(tmp_path)}
+    code = "from engine.tiny import ensure_tiny; print(ensure_tiny('tiny-llava'))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs == [str(tmp_path / "models" / "tiny-llava")] * 2
+    manifest = json.loads((tmp_path / "models" / "tiny-llava" / "dualfocus-tiny.json").read_text())
+    assert manifest["files"] and ensure_tiny("tiny-llava", tmp_path / "models") == tmp_path / "models" / "tiny-llava"
