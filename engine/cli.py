@@ -17,7 +17,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="tiny-llava or tiny-qwen2-vl (built locally if missing), a checkpoint folder, "
+        help="tiny-llava, tiny-qwen2-vl or tiny-qwen2.5-vl (built locally if missing), a checkpoint folder, "
         "or a hub name (default: %(default)s)",
     )
     g.add_argument(
@@ -72,6 +72,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in a batch (default: vLLM's)")
     g.add_argument("--dtype", default="auto", help="default: %(default)s")
+    g.add_argument(
+        "--max-images-per-request",
+        type=int,
+        default=d.max_images_per_request,
+        help="images a request may carry over all its turns; more is a 400. DualFocus zooms into the most "
+        "recent; vLLM is told one more per prompt, for the crop (default: %(default)s)",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -90,6 +97,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enforce_eager=args.enforce_eager,
         max_num_seqs=args.max_num_seqs,
         dtype=args.dtype,
+        max_images_per_request=args.max_images_per_request,
     )
 
 
@@ -114,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         try:
             await engine.warm_up()
             result = await engine.answer(
-                Query(args.question, image, mode=args.mode, sampling=Sampling(max_tokens=args.max_tokens))
+                Query(args.question, [image], mode=args.mode, sampling=Sampling(max_tokens=args.max_tokens))
             )
             print(json.dumps({"answer": result.answer, "trace": result.trace.to_dict()}, indent=2))
         finally:

@@ -33,6 +33,8 @@ class EngineConfig:
     dtype: str = "auto"
     seed: int = 0
     box_max_tokens: int = 64
+    # Images one request may carry, over all its turns; each DualFocus follow-up adds the crop.
+    max_images_per_request: int = 4
     # Any further vllm.AsyncEngineArgs field, passed through unchanged.
     extra: dict = field(default_factory=dict)
 
@@ -63,8 +65,8 @@ class EngineConfig:
             seed=self.seed,
             # Follow-up passes of started requests go ahead of new requests' first passes.
             scheduling_policy="priority",
-            # Every DualFocus follow-up carries the full image and the crop.
-            limit_mm_per_prompt={"image": 2},
+            # A DualFocus follow-up carries the request's images and the crop.
+            limit_mm_per_prompt={"image": self.max_images_per_request + 1},
             runner="generate",
             disable_log_stats=False,
         )

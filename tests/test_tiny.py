@@ -43,4 +43,4 @@ def test_cli_prints_one_line_per_checkpoint(tmp_path):
     assert [name for name, _ in lines] == list(TINY_MODELS)
     for name, path in lines:
         assert path == str(tmp_path / "models" / name)
-        assert json.loads((tmp_path / "models" / name / "config.json").read_text())["model_type"] in ("llava", "qwen2_vl")
+        assert json.loads((tmp_path / "models" / name / "config.json").read_text())["model_type"] in ("llava", "qwen2_vl", "qwen2_5_vl")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
-from .base import FamilyAdapter, ParsedBox
+from ..query import Turn
+from .base import FamilyAdapter, ParsedBox, Piece
 
 SYSTEM = "You are a helpful assistant."
 # ChatML as a Jinja chat template (tokenizer_config.json), for clients of the stock vLLM server.
@@ -37,18 +39,31 @@ class Qwen2VLAdapter(FamilyAdapter):
 
     name = "qwen2_vl"
 
-    def _image(self) -> list[int]:
-        return [self.token_id("<|vision_start|>"), self.token_id("<|image_pad|>"), self.token_id("<|vision_end|>")]
+    def image_ids(self) -> tuple[int, ...]:
+        return (self.token_id("<|vision_start|>"), self.token_id("<|image_pad|>"), self.token_id("<|vision_end|>"))
 
-    def _user_turn(self, text: str, with_image: bool) -> list[int]:
-        image = self._image() if with_image else []
-        return self.encode("<|im_start|>user\n") + image + self.encode(f"{text}<|im_end|>\n<|im_start|>assistant\n")
+    def conversation_pieces(self, history: Sequence[Turn], question_images: int) -> list[Piece]:
+        # As Qwen's template: the default system message unless the conversation starts with one;
+        # every message in its own <|im_start|>role ... <|im_end|> block, in order.
+        pieces: list[Piece] = []
+        if not history or history[0].role != "system":
+            pieces.append(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")
+        for turn in history:
+            if turn.role == "user":
+                pieces += self._user_opening(len(turn.images)) + [f"{turn.text}<|im_end|>\n"]
+            else:
+                pieces.append(f"<|im_start|>{turn.role}\n{turn.text}<|im_end|>\n")
+        return pieces + (self._user_opening(question_images) if question_images else [])
 
-    def first_turn(self, text: str, with_image: bool) -> list[int]:
-        return self.encode(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n") + self._user_turn(text, with_image)
+    def question_pieces(self, text: str, turn_open: bool) -> list[Piece]:
+        closing = f"{text}<|im_end|>\n<|im_start|>assistant\n"
+        return [closing] if turn_open else ["<|im_start|>user\n" + closing]
+
+    def _user_opening(self, images: int) -> list[Piece]:
+        return ["<|im_start|>user\n"] + [self.image_ids()] * images
 
     def next_turn(self, text: str, with_image: bool) -> list[int]:
-        return self._user_turn(text, with_image)
+        return self.encode_pieces(self._user_opening(int(with_image)) + self.question_pieces(text, True))
 
     @property
     def stop_token_ids(self) -> list[int]:
