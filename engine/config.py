@@ -47,6 +47,7 @@ class EngineConfig:
         return str(Path(self.model).expanduser()) if Path(self.model).expanduser().exists() else self.model
 
     def engine_args(self):
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
 
@@ -67,6 +68,9 @@ class EngineConfig:
             scheduling_policy="priority",
             # A DualFocus follow-up carries the request's images and the crop.
             limit_mm_per_prompt={"image": self.max_images_per_request + 1},
+            # Grammars (the box; JSON answers) with xgrammar, and JSON answers compact: free whitespace
+            # between tokens is valid JSON but lets an answer spend its token budget on it.
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
             runner="generate",
             disable_log_stats=False,
         )

@@ -120,12 +120,11 @@ class PassRunner:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
-        structured = None
-        # Compact JSON: free whitespace between tokens would let an answer spend its budget on it.
+        structured = None  # compact JSON (EngineConfig.engine_args)
         if s.json_schema is not None:
-            structured = StructuredOutputsParams(json=s.json_schema, disable_any_whitespace=True)
+            structured = StructuredOutputsParams(json=s.json_schema)
         elif s.json_object:
-            structured = StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+            structured = StructuredOutputsParams(json_object=True)
         try:
             # from_optional: vLLM's own checks and conversions (logit_bias keys sent as text, clamped).
             return SamplingParams.from_optional(
