@@ -57,7 +57,14 @@ async def run_dualfocus(
         # 1-2. Box first: it is on the critical path. The macro pass waits for the box
         # prompt to be prefilled (`started`), then reuses its cached prefix.
         box_task = tasks.create_task(
-            runner.generate(box_prompt, shown, runner.box_params(), f"{request_id}-box", PRIORITY_NEW, started=started)
+            runner.generate(
+                box_prompt,
+                shown,
+                runner.box_params(adapter.box_regex_for(width, height)),
+                f"{request_id}-box",
+                PRIORITY_NEW,
+                started=started,
+            )
         )
         await _first_of(started, box_task)
         macro_task = tasks.create_task(

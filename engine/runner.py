@@ -142,15 +142,15 @@ class PassRunner:
         except Exception as e:
             raise engine_error(e) from e
 
-    def box_params(self) -> Any:
-        """A box pass: greedy, under the family's box grammar."""
+    def box_params(self, regex: str | None = None) -> Any:
+        """A box pass: greedy, under the family's box grammar (`regex`; default: the one for any image)."""
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
         return SamplingParams(
             max_tokens=self.box_max_tokens,
             temperature=0.0,
-            structured_outputs=StructuredOutputsParams(regex=self.box_regex),
+            structured_outputs=StructuredOutputsParams(regex=regex or self.box_regex),
         )
 
     def _scoring_params(self, read_cache: bool) -> Any:

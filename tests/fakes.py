@@ -119,8 +119,8 @@ class FakeRunner:
     def answer_params(self, sampling: object) -> object:
         return ("answer", sampling)
 
-    def box_params(self) -> object:
-        return ("box",)
+    def box_params(self, regex: str | None = None) -> object:
+        return ("box", regex)
 
     async def generate(self, prompt_ids: list[int], images: list, params: object, request_id: str, priority: int,
                        started: asyncio.Event | None = None,

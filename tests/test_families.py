@@ -209,3 +209,26 @@ def _box_text(a):
 
 def _image_id(a):
     return a.token_id("<image>" if a.name == "llava" else "<|image_pad|>")
+
+
+@pytest.mark.parametrize("n", [0, 5, 9, 10, 28, 99, 100, 476, 644, 1000, 1023, 4096])
+def test_up_to_matches_exactly_the_integers_up_to_n(n):
+    import re
+
+    from engine.families.qwen2_vl import up_to
+
+    pattern = re.compile(up_to(n))
+    assert [i for i in range(0, 3 * n + 20) if pattern.fullmatch(str(i))] == list(range(n + 1))
+    assert not pattern.fullmatch("0" + str(n)) or n == 0 and not pattern.fullmatch("00")
+
+
+def test_qwen2_5_vl_box_grammar_keeps_the_box_in_the_image(qwen_tokenizer):
+    import re
+
+    a = Qwen25VLAdapter(qwen_tokenizer, {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2})
+    regex = a.box_regex_for(640, 480)  # resized to 644 x 476
+    assert re.fullmatch(regex, '[{"bbox_2d": [644, 476, 0, 12]}]')
+    assert not re.fullmatch(regex, '[{"bbox_2d": [645, 10, 20, 30]}]')
+    assert not re.fullmatch(regex, '[{"bbox_2d": [10, 477, 20, 30]}]')
+    box = a.parse_box('[{"bbox_2d": [644, 476, 644, 476]}]', 640, 480)
+    assert box.pixels == pytest.approx((640, 480, 640, 480))

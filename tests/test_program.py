@@ -46,7 +46,7 @@ async def test_a_usable_box_crops_the_region_and_the_micro_pass_extends_the_box_
     assert t.crop.rect == (39, 55, 217, 233)  # squared about the centre, enlarged by 25 px
     assert micro.image_sizes == [(640, 640), (178, 178)]  # LLaVA pads both square
     assert micro.prompt_ids[:len(box.prompt_ids)] == box.prompt_ids  # a follow-up, token for token
-    assert box.params == ("box",) and macro.params[1].max_tokens == 7 and micro.params[1].max_tokens == 7
+    assert box.params == ("box", adapter.box_regex) and macro.params[1].max_tokens == 7 and micro.params[1].max_tokens == 7
     assert t.chosen == "same" and result.answer == "red" and "fusion" not in t.stages  # no scoring needed
 
 

@@ -153,6 +153,11 @@ class FamilyAdapter(ABC):
     def box_regex(self) -> str:
         """The grammar the box reply is generated under, so it always parses."""
 
+    def box_regex_for(self, width: int, height: int) -> str:
+        """The box grammar for an image of width x height (a family whose coordinates depend on
+        the image's size bounds them to it, so the box always lies in the image)."""
+        return self.box_regex
+
     @abstractmethod
     def parse_box(self, text: str, width: int, height: int) -> ParsedBox | None:
         """The box in `text`, mapped to an original image of width x height; None if absent."""

@@ -29,6 +29,18 @@ _INT_0_1000 = r"(?:1000|[1-9][0-9]{0,2}|0)"
 _INT_PIXELS = r"(?:0|[1-9][0-9]{0,4})"
 
 
+def up_to(n: int) -> str:
+    """A regex for the integers 0..n, written without leading zeros."""
+    digits = str(n)
+    alternatives = ["[0-9]" if length == 1 else f"[1-9][0-9]{{{length - 1}}}" for length in range(1, len(digits))]
+    for i, ch in enumerate(digits):  # same length as n: a prefix of n, then a smaller digit, then any
+        lowest = 1 if i == 0 and len(digits) > 1 else 0
+        if int(ch) - 1 >= lowest:
+            rest = len(digits) - i - 1
+            alternatives.append(digits[:i] + f"[{lowest}-{int(ch) - 1}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+    return "(?:" + "|".join([*alternatives, digits]) + ")"
+
+
 class Qwen2VLAdapter(FamilyAdapter):
     """`<|box_start|>(x1,y1),(x2,y2)<|box_end|>`, integers on a 0-1000 grid of the original image.
 
@@ -103,6 +115,12 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     def box_regex(self) -> str:
         n = _INT_PIXELS
         return rf'\[\{{"bbox_2d": \[{n}, {n}, {n}, {n}\]\}}\]'
+
+    def box_regex_for(self, width: int, height: int) -> str:
+        # Coordinates are pixels of the resized input: bounded by its size, the box lies in the image.
+        rh, rw = self.resized_size(height, width)
+        x, y = up_to(rw), up_to(rh)
+        return rf'\[\{{"bbox_2d": \[{x}, {y}, {x}, {y}\]\}}\]'
 
     def parse_box(self, text: str, width: int, height: int) -> ParsedBox | None:
         m = re.search(r'"bbox_2d":\s*\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\]', text)
