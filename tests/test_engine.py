@@ -262,7 +262,7 @@ async def test_a_system_message_goes_into_every_pass_and_all_passes_share_one_pr
     recorded = RecordedPasses(engine)
     monkeypatch.setattr(engine.runner, "generate", recorded.generate)
     system = "You answer in one word about colours and shapes."
-    query = Query(QUESTIONS[5], [scene(seed=11)], sampling=Sampling(max_tokens=8),
+    query = Query(QUESTIONS[5], [scene(672, 672, seed=11)], sampling=Sampling(max_tokens=8),  # 576 image tokens
                   history=[Turn("system", system)])
     result = await engine.answer(query, request_id="sys")
     check_complete(result, query.images[0])
