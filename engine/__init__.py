@@ -3,8 +3,8 @@
 from .config import EngineConfig
 from .engine import DualFocusEngine
 from .protocol import EngineClient, EngineCounters, ModelInfo
-from .query import Query, Sampling
-from .trace import Result, Trace
+from .query import Query, Sampling, Turn
+from .trace import Result, TokenLogprob, Trace
 
 __all__ = [
     "DualFocusEngine",
@@ -15,5 +15,7 @@ __all__ = [
     "Query",
     "Result",
     "Sampling",
+    "TokenLogprob",
     "Trace",
+    "Turn",
 ]

@@ -17,7 +17,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="tiny-llava or tiny-qwen2-vl (built locally if missing), a checkpoint folder, "
+        help="tiny-llava, tiny-qwen2-vl or tiny-qwen2.5-vl (built locally if missing), a checkpoint folder, "
         "or a hub name (default: %(default)s)",
     )
     g.add_argument(
@@ -81,6 +81,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         '"publisher": "zmq", "endpoint": "tcp://*:5557"}\' (what vllm-router\'s '
         "kv_aware policy subscribes to; default: off)",
     )
+    g.add_argument(
+        "--max-images-per-request",
+        type=int,
+        default=d.max_images_per_request,
+        help="images a request may carry over all its turns; more is a 400. DualFocus zooms into the most "
+        "recent; vLLM is told one more per prompt, for the crop (default: %(default)s)",
+    )
 
 
 def _kv_events_config(text: str):
@@ -106,6 +113,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         dtype=args.dtype,
         extra={"kv_events_config": args.kv_events_config} if args.kv_events_config else {},
+        max_images_per_request=args.max_images_per_request,
     )
 
 
@@ -130,7 +138,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         try:
             await engine.warm_up()
             result = await engine.answer(
-                Query(args.question, image, mode=args.mode, sampling=Sampling(max_tokens=args.max_tokens))
+                Query(args.question, [image], mode=args.mode, sampling=Sampling(max_tokens=args.max_tokens))
             )
             print(json.dumps({"answer": result.answer, "trace": result.trace.to_dict()}, indent=2))
         finally:

@@ -34,6 +34,8 @@ class EngineConfig:
     dtype: str = "auto"
     seed: int = 0
     box_max_tokens: int = 64
+    # Images one request may carry, over all its turns; each DualFocus follow-up adds the crop.
+    max_images_per_request: int = 4
     # Any further vllm.AsyncEngineArgs field, passed through unchanged.
     extra: dict = field(default_factory=dict)
 
@@ -47,6 +49,7 @@ class EngineConfig:
         return str(Path(self.model).expanduser()) if Path(self.model).expanduser().exists() else self.model
 
     def engine_args(self):
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
 
@@ -65,8 +68,11 @@ class EngineConfig:
             seed=self.seed,
             # Follow-up passes of started requests go ahead of new requests' first passes.
             scheduling_policy="priority",
-            # Every DualFocus follow-up carries the full image and the crop.
-            limit_mm_per_prompt={"image": 2},
+            # A DualFocus follow-up carries the request's images and the crop.
+            limit_mm_per_prompt={"image": self.max_images_per_request + 1},
+            # Grammars (the box; JSON answers) with xgrammar, and JSON answers compact: free whitespace
+            # between tokens is valid JSON but lets an answer spend its token budget on it.
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
             runner="generate",
             disable_log_stats=False,
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from .config import EngineConfig
@@ -20,7 +19,7 @@ from .program import run_dualfocus, run_single_pass
 from .protocol import EngineCounters, ModelInfo
 from .query import Query
 from .runner import PassRunner
-from .trace import Result
+from .trace import OnText, Result
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class DualFocusEngine:
     async def warm_up(self) -> None:
         """Run each kind of pass once, so the first user request does not pay one-time
         costs (the first prompt-logprob pass took seconds on CPU)."""
-        ids = self.adapter.macro_prompt("warm up", with_image=False)
+        ids = self.adapter.prompt(self.adapter.conversation_prefix([], 0), "warm up")
         await self.runner.score(ids, [], ids[-2:], f"warmup-{uuid.uuid4().hex}")
 
     def shutdown(self) -> None:
@@ -80,13 +79,14 @@ class DualFocusEngine:
         self,
         query: Query,
         request_id: str | None = None,
-        on_text: Callable[[str], None] | None = None,
+        on_text: OnText | None = None,
         started: asyncio.Event | None = None,
     ) -> Result:
         """Run one request to its answer and trace. Cancel the task to abort all its passes.
 
-        `on_text` receives the answer's text so far while it is generated; only a
-        single-pass request knows its answer before the end (DualFocus decides at fusion).
+        `on_text` receives the answer's text so far (and its token logprobs, if asked for)
+        while it is generated; only a single-pass request knows its answer before the end
+        (DualFocus decides at fusion).
         `started` is set when the engine has begun the request (its first pass's prompt is in).
         """
         request_id = request_id or uuid.uuid4().hex

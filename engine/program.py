@@ -1,10 +1,15 @@
 """The DualFocus program for one request, read top to bottom like the method.
 
+    0. prefix: the conversation up to the question's text (system and developer
+       messages, earlier turns, every image), rendered once by the family's
+       template; every pass below starts with it token for token, so the images'
+       KV is computed once (and read from the cache in a conversation's later turns)
     1. box pass: where does the question look?  (grammar-guided, greedy)
     2. macro pass: answer on the whole image     (submitted once the box pass's
        prefill is done, so it reads the shared image prefix from the cache)
-    3. crop: box -> square, clip, enlarge, crop  (engine/geometry.py)
-    4. micro pass: answer again with [full image, crop], as a follow-up that
+    3. crop: box -> square, clip, enlarge, crop  (engine/geometry.py), on the
+       conversation's most recent image
+    4. micro pass: answer again with [images, crop], as a follow-up that
        extends the box prompt and reply token for token
     5. fuse: identical answers stand; otherwise score both as replies to a
        prompt sharing the micro prompt's prefix; lower perplexity wins
@@ -17,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from types import TracebackType
 
 from .families import FamilyAdapter
@@ -25,36 +29,51 @@ from .fusion import decide, parse_question, pick_by_score
 from .geometry import plan_crop, sorted_box
 from .query import Query
 from .runner import PRIORITY_NEW, PRIORITY_STARTED, ModelImage, PassOutput, PassRunner
-from .trace import BoxTrace, CropTrace, Result, StageStats, Trace
+from .trace import BoxTrace, CropTrace, OnText, Result, StageStats, Trace
 
 
 async def run_dualfocus(
     runner: PassRunner, adapter: FamilyAdapter, query: Query, request_id: str, started: asyncio.Event
 ) -> Result:
-    original = query.image
-    assert original is not None, "DualFocus needs an image (Query.runs_as)"
+    images = query.all_images
+    assert images, "DualFocus needs an image (Query.runs_as)"
+    # The box names a region of the most recent image: the one the question is most likely about.
+    zoomed = len(images) - 1
+    original = images[zoomed]
     width, height = original.size
-    full = ModelImage.of(adapter.model_image(original))
+    shown = [ModelImage.of(adapter.model_image(image)) for image in images]
+    prefix = adapter.conversation_prefix(query.history, len(query.images))
 
     def answer_params():  # a fresh copy per pass: vLLM takes ownership of the params it is given
         return runner.answer_params(query.sampling)
 
     question = parse_question(query.question)  # stem and, for multiple choice, options
     # The box prompt asks about the question itself; its answer options are not a region.
-    box_prompt = adapter.box_prompt(question.stem)
+    box_prompt = adapter.box_prompt(prefix, question.stem)
     micro: PassOutput | None = None
     crop: ModelImage | None = None
     crop_trace = None
     async with _tasks() as tasks:
         # 1-2. Box first: it is on the critical path. The macro pass waits for the box
-        # prompt to be prefilled (`started`), then reuses its cached image prefix.
+        # prompt to be prefilled (`started`), then reuses its cached prefix.
         box_task = tasks.create_task(
-            runner.generate(box_prompt, [full], runner.box_params(), f"{request_id}-box", PRIORITY_NEW, started=started)
+            runner.generate(
+                box_prompt,
+                shown,
+                runner.box_params(adapter.box_regex_for(width, height)),
+                f"{request_id}-box",
+                PRIORITY_NEW,
+                started=started,
+            )
         )
         await _first_of(started, box_task)
         macro_task = tasks.create_task(
             runner.generate(
-                adapter.macro_prompt(query.question), [full], answer_params(), f"{request_id}-macro", PRIORITY_STARTED
+                adapter.macro_prompt(prefix, query.question),
+                shown,
+                answer_params(),
+                f"{request_id}-macro",
+                PRIORITY_STARTED,
             )
         )
         box = await box_task
@@ -75,7 +94,7 @@ async def run_dualfocus(
             crop_trace = CropTrace(plan.rect)
             micro = await runner.generate(
                 adapter.micro_prompt(box_prompt, box.token_ids, query.question),
-                [full, crop],
+                [*shown, crop],
                 answer_params(),
                 f"{request_id}-micro",
                 PRIORITY_STARTED,
@@ -89,11 +108,12 @@ async def run_dualfocus(
         macro_answer=macro.text,
         box=box_trace,
         crop=crop_trace,
+        zoomed_image=zoomed,
         stages={"macro": macro.stats(), "box": box.stats()},
     )
     if micro is None or crop is None:
         trace.why = f"no micro pass: box {box_trace.outcome}"
-        return Result(macro.text, macro.finish_reason, trace)
+        return _result(adapter, macro, trace)
     trace.micro_answer = micro.text
     trace.stages["micro"] = micro.stats()
 
@@ -102,7 +122,7 @@ async def run_dualfocus(
     trace.chosen, trace.why = decision.chosen or "macro", decision.why
     if decision.candidates is not None:
         t0 = time.perf_counter()
-        prefix = adapter.scoring_prompt(box_prompt, box.token_ids, question.stem)
+        scoring_prefix = adapter.scoring_prompt(box_prompt, box.token_ids, question.stem)
         generated = {"macro": adapter.strip_stop(macro.token_ids), "micro": adapter.strip_stop(micro.token_ids)}
         replies = {
             # Open-ended answers are scored as the tokens the model generated; option texts are tokenised.
@@ -111,7 +131,7 @@ async def run_dualfocus(
         }
         async with _tasks() as tasks:
             scored = {
-                name: tasks.create_task(runner.score(prefix, [full, crop], ids, f"{request_id}-score-{name}"))
+                name: tasks.create_task(runner.score(scoring_prefix, [*shown, crop], ids, f"{request_id}-score-{name}"))
                 for name, ids in replies.items()
             }
         trace.scores = {name: task.result()[0] for name, task in scored.items()}
@@ -119,8 +139,7 @@ async def run_dualfocus(
         fusion = sum((task.result()[1] for task in scored.values()), StageStats())
         fusion.ms = (time.perf_counter() - t0) * 1000  # wall time: the two scorings run side by side
         trace.stages["fusion"] = fusion
-    chosen = micro if trace.chosen == "micro" else macro
-    return Result(chosen.text, chosen.finish_reason, trace)
+    return _result(adapter, micro if trace.chosen == "micro" else macro, trace)
 
 
 async def run_single_pass(
@@ -129,12 +148,12 @@ async def run_single_pass(
     query: Query,
     request_id: str,
     started: asyncio.Event,
-    on_text: Callable[[str], None] | None = None,
+    on_text: OnText | None = None,
 ) -> Result:
-    """Macro mode, or a text-only request: one plain pass."""
-    images = [ModelImage.of(adapter.model_image(query.image))] if query.image is not None else []
+    """Macro mode, or a conversation without images: one plain pass."""
+    images = [ModelImage.of(adapter.model_image(image)) for image in query.all_images]
     out = await runner.generate(
-        adapter.macro_prompt(query.question, with_image=bool(images)),
+        adapter.macro_prompt(adapter.conversation_prefix(query.history, len(query.images)), query.question),
         images,
         runner.answer_params(query.sampling),
         f"{request_id}-macro",
@@ -144,7 +163,13 @@ async def run_single_pass(
     )
     why = "macro mode: one pass" if images else "no image: one plain pass"
     trace = Trace(mode="macro", chosen="macro", why=why, macro_answer=out.text, stages={"macro": out.stats()})
-    return Result(out.text, out.finish_reason, trace)
+    return _result(adapter, out, trace)
+
+
+def _result(adapter: FamilyAdapter, chosen: PassOutput, trace: Trace) -> Result:
+    # Logprobs for the answer's tokens: the stop token that ended it is not part of the text.
+    logprobs = chosen.logprobs[: len(adapter.strip_stop(chosen.token_ids))] if chosen.logprobs is not None else None
+    return Result(chosen.text, chosen.finish_reason, trace, logprobs)
 
 
 class _tasks(asyncio.TaskGroup):

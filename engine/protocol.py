@@ -8,12 +8,11 @@ implement it with a fake to test the HTTP layer without a model.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .query import Query
-from .trace import Result
+from .trace import OnText, Result
 
 
 @dataclass(frozen=True)
@@ -47,14 +46,15 @@ class EngineClient(Protocol):
         self,
         query: Query,
         request_id: str | None = None,
-        on_text: Callable[[str], None] | None = None,
+        on_text: OnText | None = None,
         started: asyncio.Event | None = None,
     ) -> Result:
         """Run one request to its answer and trace; cancel the task to abort it.
 
-        `on_text` receives the answer's text so far while it is generated (single-pass
-        requests only); `started` is set once the engine has begun the request. Failures
-        are raised as engine/errors.py's exceptions."""
+        `on_text` receives the answer's text so far while it is generated, with its token
+        logprobs if the sampling asks for them (single-pass requests only); `started` is set
+        once the engine has begun the request. Failures are raised as engine/errors.py's
+        exceptions."""
         ...
 
     async def warm_up(self) -> None:

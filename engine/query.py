@@ -1,12 +1,34 @@
-"""What one request asks of the engine."""
+"""What one request asks of the engine: a conversation's last user turn (the question), its
+images, everything said before it, and how to sample the answer.
+
+DualFocus answers the question; the earlier turns — system and developer messages, user and
+assistant turns and their images — are context that every pass of the request starts with
+(docs/method.md, "Conversations").
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from PIL import Image
 
 from .trace import Mode
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass
+class Turn:
+    """One message before the question. A developer message is a system turn."""
+
+    role: Role
+    text: str
+    images: list[Image.Image] = field(default_factory=list)  # user turns only, shown before the text
+
+    def __post_init__(self) -> None:
+        if self.images and self.role != "user":
+            raise ValueError(f"a {self.role} turn cannot carry images")
 
 
 @dataclass
@@ -18,16 +40,29 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None  # token id (as text, as OpenAI sends it) -> bias
+    logprobs: int | None = None  # None: none; k: each answer token's logprob and the k most likely
+    # The answer's format (structured outputs): a JSON schema, or any JSON object.
+    json_schema: dict | None = None
+    json_object: bool = False
 
 
 @dataclass
 class Query:
-    question: str
-    image: Image.Image | None = None
+    question: str  # the last user turn's text
+    images: list[Image.Image] = field(default_factory=list)  # in the question's own turn
     mode: Mode = "dualfocus"  # what the client asked for
     sampling: Sampling = field(default_factory=Sampling)
+    history: list[Turn] = field(default_factory=list)  # system messages and earlier turns, in order
+
+    @property
+    def all_images(self) -> list[Image.Image]:
+        """Every image of the conversation, in order; the last is the one DualFocus zooms into."""
+        return [image for turn in self.history for image in turn.images] + list(self.images)
 
     @property
     def runs_as(self) -> Mode:
         """What the engine runs: DualFocus needs an image to zoom into; without one, one plain pass."""
-        return self.mode if self.image is not None else "macro"
+        return self.mode if self.all_images else "macro"

@@ -15,7 +15,6 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ from .errors import (
     RetryableEngineError,
 )
 from .query import Sampling
-from .trace import StageStats
+from .trace import OnText, StageStats, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +75,7 @@ class PassOutput:
     cached_tokens: int
     ms: float
     prompt_logprobs: list | None = None
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when asked for
 
     def stats(self) -> StageStats:
         return StageStats(self.ms, len(self.prompt_token_ids), self.cached_tokens, len(self.token_ids))
@@ -118,20 +118,39 @@ class PassRunner:
     def answer_params(self, s: Sampling) -> Any:
         """Fresh parameters for an answer pass (vLLM takes ownership of the ones it is given)."""
         from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
 
-        return SamplingParams(
-            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop=s.stop or None
-        )
+        structured = None  # compact JSON (EngineConfig.engine_args)
+        if s.json_schema is not None:
+            structured = StructuredOutputsParams(json=s.json_schema)
+        elif s.json_object:
+            structured = StructuredOutputsParams(json_object=True)
+        try:
+            # from_optional: vLLM's own checks and conversions (logit_bias keys sent as text, clamped).
+            return SamplingParams.from_optional(
+                max_tokens=s.max_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                seed=s.seed,
+                stop=s.stop or None,
+                presence_penalty=s.presence_penalty,
+                frequency_penalty=s.frequency_penalty,
+                logit_bias=s.logit_bias,
+                logprobs=s.logprobs,
+                structured_outputs=structured,
+            )
+        except Exception as e:
+            raise engine_error(e) from e
 
-    def box_params(self) -> Any:
-        """A box pass: greedy, under the family's box grammar."""
+    def box_params(self, regex: str | None = None) -> Any:
+        """A box pass: greedy, under the family's box grammar (`regex`; default: the one for any image)."""
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
         return SamplingParams(
             max_tokens=self.box_max_tokens,
             temperature=0.0,
-            structured_outputs=StructuredOutputsParams(regex=self.box_regex),
+            structured_outputs=StructuredOutputsParams(regex=regex or self.box_regex),
         )
 
     def _scoring_params(self, read_cache: bool) -> Any:
@@ -158,7 +177,7 @@ class PassRunner:
         request_id: str,
         priority: int,
         started: asyncio.Event | None = None,
-        on_text: Callable[[str], None] | None = None,
+        on_text: OnText | None = None,
     ) -> PassOutput:
         """Run one sequence to completion. `started` is set when its first token arrives,
         that is, when its prompt is in the KV cache for others to reuse; `on_text` gets
@@ -189,7 +208,7 @@ class PassRunner:
         request_id: str,
         priority: int,
         started: asyncio.Event | None,
-        on_text: Callable[[str], None] | None,
+        on_text: OnText | None,
     ) -> PassOutput:
         from vllm.sampling_params import RequestOutputKind
 
@@ -201,6 +220,7 @@ class PassRunner:
         params.output_kind = RequestOutputKind.CUMULATIVE if streamed else RequestOutputKind.FINAL_ONLY
         t0 = time.perf_counter()
         final = None
+        logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         try:
             async for out in self.llm.generate(
                 prompt, params, request_id, priority=priority, data_parallel_rank=_DATA_PARALLEL_RANK.get()
@@ -208,8 +228,10 @@ class PassRunner:
                 final = out
                 if started is not None:
                     started.set()
+                if logprobs is not None:  # converted as they arrive (outputs are cumulative)
+                    logprobs += _token_logprobs(out.outputs[0], len(logprobs), params.logprobs)
                 if on_text is not None:
-                    on_text(out.outputs[0].text)
+                    on_text(out.outputs[0].text, logprobs)
         except Exception as e:
             raise engine_error(e) from e
         if final is None:
@@ -223,6 +245,7 @@ class PassRunner:
             cached_tokens=final.num_cached_tokens or 0,
             ms=(time.perf_counter() - t0) * 1000,
             prompt_logprobs=final.prompt_logprobs,
+            logprobs=logprobs,
         )
 
     async def score(
@@ -260,6 +283,23 @@ class PassRunner:
         rows = out.prompt_logprobs[first:]
         nll = -sum(row[tok].logprob for row, tok in zip(rows, reply_ids, strict=False)) / len(reply_ids)
         return (nll if math.isfinite(nll) else float("inf")), stats
+
+
+def _token_logprobs(completion: Any, start: int, top: int) -> list[TokenLogprob]:
+    """The generated tokens' logprobs from position `start` on; each with the `top` most likely."""
+    rows = completion.logprobs or []
+    entries = []
+    for token_id, row in zip(completion.token_ids[start:], rows[start:], strict=False):
+        chosen = row[token_id]
+        ranked = sorted((lp for lp in row.values() if lp.rank is not None and lp.rank <= top), key=lambda lp: lp.rank)
+        entries.append(
+            TokenLogprob(
+                chosen.decoded_token or "",
+                chosen.logprob,
+                [(lp.decoded_token or "", lp.logprob) for lp in ranked[:top]],
+            )
+        )
+    return entries
 
 
 def engine_error(e: Exception) -> Exception:

@@ -20,7 +20,7 @@ from pathlib import Path
 from .families.llava import CHAT_TEMPLATE as LLAVA_CHAT_TEMPLATE
 from .families.qwen2_vl import CHAT_TEMPLATE as QWEN_CHAT_TEMPLATE
 
-TINY_MODELS = ("tiny-llava", "tiny-qwen2-vl")
+TINY_MODELS = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
 # Trained checkpoints committed in the repository (training/README.md): served by name, never rebuilt.
 TRAINED_MODELS = {"tiny-dualfocus": Path(__file__).resolve().parent.parent / "training" / "tiny-dualfocus"}
 # Bump when the recipe changes, so cached builds of an older recipe are rebuilt.
@@ -89,7 +89,7 @@ def _build(name: str, path: Path) -> None:
     tmp = path.with_name(path.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    {"tiny-llava": _build_llava, "tiny-qwen2-vl": _build_qwen2_vl}[name](tmp)
+    {"tiny-llava": _build_llava, "tiny-qwen2-vl": _build_qwen2_vl, "tiny-qwen2.5-vl": _build_qwen2_5_vl}[name](tmp)
     files = {p.name: _digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / _MANIFEST).write_text(json.dumps({"recipe": RECIPE_VERSION, "files": files}, indent=1))
     shutil.rmtree(path, ignore_errors=True)
@@ -224,40 +224,64 @@ def _build_llava(out: Path) -> None:
 # --- tiny-qwen2-vl ---------------------------------------------------------------------------
 
 
-def _build_qwen2_vl(out: Path) -> None:
-    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+_QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|box_start|>",
+    "<|box_end|>",
+]
 
-    specials = [
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<|vision_start|>",
-        "<|vision_end|>",
-        "<|image_pad|>",
-        "<|video_pad|>",
-        "<|box_start|>",
-        "<|box_end|>",
-    ]
-    tok = _train_tokenizer(specials, vocab_size=1024)
+
+def _qwen_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_tokenizer(_QWEN_SPECIALS, vocab_size=1024)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+    return tokenizer, {t: tokenizer.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
+
+
+def _qwen_text_config(tokenizer, ids: dict[str, int]) -> dict:
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        initializer_range=_TEXT_INIT_STD,
+        # head_dim 64 -> rotary half-dim 32, split over (time, height, width).
+        rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+    )
+
+
+def _save_qwen(model, config, tokenizer, ids: dict[str, int], out: Path) -> None:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    _save_with_vllm_names(model, out, {})
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # At most 576 merged image tokens per image, like tiny-llava.
+    Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=576 * 28 * 28).save_pretrained(out)
+    _write_generation_config(
+        out, eos_token_id=ids["<|im_end|>"], bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"]
+    )
+
+
+def _build_qwen2_vl(out: Path) -> None:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    tokenizer, ids = _qwen_tokenizer()
     config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=4096,
-            initializer_range=_TEXT_INIT_STD,
-            # head_dim 64 -> rotary half-dim 32, split over (time, height, width).
-            rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-        ),
+        text_config=_qwen_text_config(tokenizer, ids),
         vision_config=dict(
             depth=2,
             embed_dim=64,
@@ -276,15 +300,38 @@ def _build_qwen2_vl(out: Path) -> None:
     config.architectures = ["Qwen2VLForConditionalGeneration"]
     config.dtype = "bfloat16"
     torch = _seeded()
-    model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16).eval()
-    _save_with_vllm_names(model, out, {})
-    config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    # At most 576 merged image tokens per image, like tiny-llava.
-    Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=576 * 28 * 28).save_pretrained(out)
-    _write_generation_config(
-        out, eos_token_id=ids["<|im_end|>"], bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"]
+    _save_qwen(Qwen2VLForConditionalGeneration(config).to(torch.bfloat16).eval(), config, tokenizer, ids, out)
+
+
+def _build_qwen2_5_vl(out: Path) -> None:
+    """Qwen2.5-VL: Qwen2-VL's text model and tokens; a vision tower with windowed attention
+    (one full-attention block of two) and a SwiGLU MLP, boxes in resized-input pixels."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer, ids = _qwen_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config=_qwen_text_config(tokenizer, ids),
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            out_hidden_size=256,
+            fullatt_block_indexes=[1],
+            window_size=112,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
     )
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    config.dtype = "bfloat16"
+    torch = _seeded()
+    _save_qwen(Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16).eval(), config, tokenizer, ids, out)
 
 
 def _save_with_vllm_names(model, out: Path, renames: dict[str, str]) -> None:

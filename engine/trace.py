@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal, get_args
 
@@ -69,6 +70,8 @@ class Trace:
     box: BoxTrace | None = None
     crop: CropTrace | None = None
     scores: dict[str, float] | None = None  # mean token NLL per candidate; lower wins
+    # Which image the box and crop are on: its index among the conversation's images, in order.
+    zoomed_image: int | None = None
     stages: dict[str, StageStats] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -83,10 +86,24 @@ class Usage:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token: its text, its logprob, and the most likely tokens at its position."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+# Called with an answer's text so far and, if asked for, its token logprobs so far.
+OnText = Callable[[str, list[TokenLogprob] | None], None]
+
+
+@dataclass
 class Result:
     answer: str
     finish_reason: str | None
     trace: Trace
+    logprobs: list[TokenLogprob] | None = None  # the chosen answer's tokens, when asked for
 
     @property
     def usage(self) -> Usage:

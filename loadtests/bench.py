@@ -6,7 +6,8 @@
 4. ours (dualfocus) vs the reference's way (sequential transformers calls, loadtests/reference_hf.py)
 5. prompt tokens computed per DualFocus question vs with no sharing
 
-Writes loadtests/results/bench-<time>.json and docs/benchmarks.md.
+Writes loadtests/results/bench-<time>.json and docs/benchmarks.md; then the conversation
+scenario (loadtests/conversation.py: docs/conversation-bench.md).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import openai
 
 from engine.tiny import ensure_tiny
 
-from . import scenes
+from . import conversation, scenes
 from .loadgen import git_revision, machine, request_fn, run_load, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +112,9 @@ def main(argv=None) -> int:
         results["systems"]["ours-dualfocus"] = measure(args.port, "ours", "dualfocus", levels, dualfocus_items, warmup,
                                                          args.max_tokens)
         results["systems"]["ours-macro"] = measure(args.port, "ours", "macro", levels, single_items, warmup, args.max_tokens)
+        print("this service: conversations (loadtests/conversation.py)", flush=True)
+        conversation.run(args.port, conversations=8, concurrency=4, max_tokens=args.max_tokens,
+                         command=results["command"])
     finally:
         stop(server)
 

@@ -64,8 +64,9 @@ class ReferencePipeline:
     def answer(self, image: Image.Image, question: str, max_tokens: int) -> dict:
         a = self.adapter
         w, h = image.size
-        macro = self.generate(a.macro_prompt(question), [image], max_tokens)
-        box_prompt = a.box_prompt(question)
+        prefix = a.conversation_prefix([], 1)  # one image, no earlier turns: the reference's prompts
+        macro = self.generate(a.macro_prompt(prefix, question), [image], max_tokens)
+        box_prompt = a.box_prompt(prefix, question)
         box = self.generate(box_prompt, [image], 24)
         parsed = a.parse_box(self.tokenizer.decode(box, skip_special_tokens=True), w, h)
         pixels = parsed.pixels if parsed else (w / 4, h / 4, 3 * w / 4, 3 * h / 4)

@@ -45,7 +45,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=d.max_image_pixels,
         help="checked from the image header before decoding (default: %(default)s)",
     )
-    p.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request, help="default: %(default)s")
     p.add_argument(
         "--allowed-image-domains",
         default="",
@@ -82,7 +81,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             max_image_bytes=args.max_image_bytes,
             max_image_pixels=args.max_image_pixels,
-            max_images_per_request=args.max_images_per_request,
             allowed_image_domains=[d.strip().lower() for d in args.allowed_image_domains.split(",") if d.strip()],
             allowed_local_media_path=args.allowed_local_media_path,
             max_inflight_requests=args.max_inflight_requests,

@@ -19,7 +19,6 @@ class ServerSettings:
     max_image_pixels: int = 40_000_000
     allowed_image_domains: list[str] = field(default_factory=list)  # http(s) image hosts; none: off
     allowed_local_media_path: str | None = None  # file:// images only under this folder; None: off
-    max_images_per_request: int = 1  # DualFocus looks at one image per question
     max_inflight_requests: int = 64
     drain_seconds: float = 30.0
 

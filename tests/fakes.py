@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from engine import EngineCounters, ModelInfo, Query, Result
 from engine.runner import PassOutput
-from engine.trace import BoxTrace, CropTrace, StageStats, Trace
+from engine.trace import BoxTrace, CropTrace, OnText, StageStats, Trace
 
 
 def dualfocus_result(answer: str = "a red square") -> Result:
@@ -18,7 +18,7 @@ def dualfocus_result(answer: str = "a red square") -> Result:
         mode="dualfocus", chosen="micro", why="the micro answer has the lower perplexity",
         macro_answer="a square", micro_answer=answer,
         box=BoxTrace("[0.10, 0.20, 0.30, 0.40]", (0.1, 0.2, 0.3, 0.4), (64, 96, 192, 192), "ok"),
-        crop=CropTrace((39, 55, 217, 233)), scores={"macro": 2.5, "micro": 1.25},
+        crop=CropTrace((39, 55, 217, 233)), scores={"macro": 2.5, "micro": 1.25}, zoomed_image=0,
         stages={"macro": StageStats(10.0, 600, 512, 3), "box": StageStats(8.0, 620, 0, 12),
                 "micro": StageStats(12.3456, 1300, 640, 4), "fusion": StageStats(5.0, 2600, 2400, 2)}))
 
@@ -49,7 +49,7 @@ class FakeEngine:
         return EngineCounters(retries=self.retries, scoring_recomputes=self.scoring_recomputes)
 
     async def answer(self, query: Query, request_id: str | None = None,
-                     on_text: Callable[[str], None] | None = None,
+                     on_text: OnText | None = None,
                      started: asyncio.Event | None = None) -> Result:
         self.queries.append(query)
         self.request_ids.append(request_id or "")
@@ -64,7 +64,7 @@ class FakeEngine:
             for end in (3, 7, len(answer)):
                 await asyncio.sleep(0)
                 if on_text is not None:
-                    on_text(answer[:end])
+                    on_text(answer[:end], None)
             return single_pass_result(answer)
         except asyncio.CancelledError:
             self.cancelled.append(request_id or "")
@@ -119,12 +119,12 @@ class FakeRunner:
     def answer_params(self, sampling: object) -> object:
         return ("answer", sampling)
 
-    def box_params(self) -> object:
-        return ("box",)
+    def box_params(self, regex: str | None = None) -> object:
+        return ("box", regex)
 
     async def generate(self, prompt_ids: list[int], images: list, params: object, request_id: str, priority: int,
                        started: asyncio.Event | None = None,
-                       on_text: Callable[[str], None] | None = None) -> PassOutput:
+                       on_text: OnText | None = None) -> PassOutput:
         kind = request_id.rsplit("-", 1)[-1]
         self.passes.append(Pass(kind, prompt_ids, [i.image.size for i in images], params))
         try:

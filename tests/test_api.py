@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine import EngineConfig
+from engine import EngineConfig, Result
 from engine.errors import (
     EngineDeadError,
     GenerationFailedError,
@@ -26,7 +26,7 @@ from engine.errors import (
 from server.app import create_app
 from server.settings import ServerSettings
 
-from .fakes import FakeEngine, blocked_forever
+from .fakes import FakeEngine, blocked_forever, single_pass_result
 
 MODEL = "tiny"
 
@@ -94,7 +94,9 @@ async def test_an_openai_request_becomes_the_engine_query():
             model=MODEL, messages=user("What colour\nis it?", png_url(320, 240)), max_tokens=9, temperature=0.5,
             top_p=0.9, seed=3, stop="END", extra_body={"dualfocus": {"mode": "macro"}})
         q = engine.queries[-1]
-        assert q.question == "What colour\nis it?" and q.image.size == (320, 240) and q.image.mode == "RGB"
+        (image,) = q.images
+        assert q.question == "What colour\nis it?" and image.size == (320, 240) and image.mode == "RGB"
+        assert q.history == [] and q.sampling.logprobs is None
         assert q.mode == "macro" and q.runs_as == "macro"
         s = q.sampling
         assert (s.max_tokens, s.temperature, s.top_p, s.seed, s.stop) == (9, 0.5, 0.9, 3, ["END"])
@@ -102,7 +104,7 @@ async def test_an_openai_request_becomes_the_engine_query():
         # Plain string content, no image: the defaults (greedy; max_tokens min(512, context)); max_completion_tokens wins.
         await sdk(http).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi."}])
         q = engine.queries[-1]
-        assert q.question == "Hi." and q.image is None and q.mode == "dualfocus" and q.runs_as == "macro"
+        assert q.question == "Hi." and q.images == [] and q.mode == "dualfocus" and q.runs_as == "macro"
         assert (q.sampling.max_tokens, q.sampling.temperature, q.sampling.stop) == (512, 0.0, [])
         await sdk(http).chat.completions.create(model=MODEL, messages=user("Hi."), max_tokens=5,
                                                 max_completion_tokens=6)
@@ -127,7 +129,7 @@ async def test_the_answer_usage_and_trace_come_back_in_openais_shape():
             "box": {"text": "[0.10, 0.20, 0.30, 0.40]", "normalized": [0.1, 0.2, 0.3, 0.4],
                     "pixels": [64, 96, 192, 192], "outcome": "ok"},
             "crop": {"width": 178, "height": 178, "rect": [39, 55, 217, 233]},
-            "scores": {"macro": 2.5, "micro": 1.25},
+            "scores": {"macro": 2.5, "micro": 1.25}, "zoomed_image": 0,
             "stages": {"macro": {"ms": 10.0, "prompt_tokens": 600, "cached_tokens": 512},
                        "box": {"ms": 8.0, "prompt_tokens": 620, "cached_tokens": 0},
                        "micro": {"ms": 12.346, "prompt_tokens": 1300, "cached_tokens": 640},
@@ -232,19 +234,93 @@ async def test_an_unexpected_engine_failure_is_a_500_that_says_nothing_more():
                                      "code": "internal_error"}
 
 
+ASSISTANT_IMAGE = {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": png_url()}}]}
+TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
 @pytest.mark.parametrize("request_body, status, code, param", [
     (body(model="other"), 404, "model_not_found", "model"),
-    ({"model": MODEL, "messages": user("a") + user("b")}, 400, None, "messages"),
     (body(max_tokens=4096), 400, None, "max_tokens"),
-    (body("Hi.", png_url(), png_url()), 400, None, "messages"),
-    (body(" "), 400, None, "messages"),
+    (body("Hi.", *[png_url()] * 5), 400, "too_many_images", "messages"),  # 4 per request by default
+    (body(" "), 400, None, "messages.0.content"),
     (body(temperature=3), 400, None, "temperature"),
+    (body(n=2), 400, None, "n"),
+    ({"model": MODEL, "messages": []}, 400, None, "messages"),
+    ({"model": MODEL, "messages": user("Hi.") + [{"role": "assistant", "content": "Hello."}]}, 400, None,
+     "messages.1.role"),
+    ({"model": MODEL, "messages": user("Hi.") + [ASSISTANT_IMAGE] + user("And?")}, 400, None, "messages.1.content"),
+    ({"model": MODEL, "messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {
+        "url": png_url()}}]}] + user("Hi.")}, 400, None, "messages.0.content"),
+    ({"model": MODEL, "messages": user("Hi.") + [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, 400,
+     "tools_not_supported", "messages.1.role"),
+    ({"model": MODEL, "messages": user("Hi.") + [{"role": "assistant", "tool_calls": [TOOL_CALL]}] + user("And?")},
+     400, "tools_not_supported", "messages.1.tool_calls"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, 400,
+     None, "messages.0.content.0.type"),
+    (body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools_not_supported", "tools"),
+    (body(tool_choice="required"), 400, "tools_not_supported", "tool_choice"),
+    (body(modalities=["text", "audio"]), 400, None, "modalities"),
+    (body(top_logprobs=3), 400, None, "top_logprobs"),
+    (body(top_logprobs=21, logprobs=True), 400, None, "top_logprobs"),
+    (body(response_format={"type": "json_schema"}), 400, None, "response_format.json_schema"),
 ])
 async def test_requests_the_server_cannot_run_are_refused_before_the_engine(request_body, status, code, param):
     async with serving() as (app, http):
         r = await http.post("/v1/chat/completions", json=request_body)
         assert r.status_code == status and r.json()["error"]["code"] == code and r.json()["error"]["param"] == param
         assert app.state.engine.queries == []
+
+
+async def test_a_conversation_becomes_history_and_the_question():
+    async with serving() as (_, http):
+        engine = http._transport.app.state.engine
+        messages = [{"role": "system", "content": "Be brief."},
+                    {"role": "developer", "content": [{"type": "text", "text": "No guessing."}]},
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url(64, 48)}},
+                                                 {"type": "text", "text": "What is it?"}], "name": "ann"},
+                    {"role": "assistant", "content": "A square."},
+                    {"role": "user", "content": [{"type": "text", "text": "And this?"},
+                                                 {"type": "image_url", "image_url": {"url": png_url(32, 24)}}]}]
+        await sdk(http).chat.completions.create(
+            model=MODEL, messages=messages, logprobs=True, top_logprobs=2, presence_penalty=0.5, frequency_penalty=-1,
+            logit_bias={"7": -100}, user="u1", metadata={"k": "v"}, parallel_tool_calls=False,
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}})
+        q = engine.queries[-1]
+        assert [(t.role, t.text, [i.size for i in t.images]) for t in q.history] == [
+            ("system", "Be brief.", []), ("system", "No guessing.", []), ("user", "What is it?", [(64, 48)]),
+            ("assistant", "A square.", [])]
+        assert q.question == "And this?" and [i.size for i in q.images] == [(32, 24)]
+        assert [i.size for i in q.all_images] == [(64, 48), (32, 24)] and q.runs_as == "dualfocus"
+        s = q.sampling
+        assert (s.logprobs, s.presence_penalty, s.frequency_penalty, s.logit_bias) == (2, 0.5, -1, {"7": -100})
+        assert s.json_schema == {"type": "object"} and not s.json_object
+        # A follow-up without an image of its own still runs DualFocus, on the earlier image.
+        await sdk(http).chat.completions.create(model=MODEL, messages=messages[:4] + [
+            {"role": "user", "content": "And its colour?"}], response_format={"type": "json_object"})
+        q = engine.queries[-1]
+        assert q.images == [] and q.runs_as == "dualfocus" and q.sampling.json_object and q.sampling.logprobs is None
+
+
+async def test_logprobs_come_back_in_openais_shape_streamed_or_not():
+    from engine import TokenLogprob
+
+    entries = [TokenLogprob("He", -0.5, [("He", -0.5), ("Hi", -1.5)]), TokenLogprob("llo", -0.25, [("llo", -0.25),
+                                                                                                     ("y", -2.0)])]
+
+    async def with_logprobs(query):
+        return Result("Hello", "stop", single_pass_result("Hello").trace, entries)
+
+    async with serving(FakeEngine(behaviour=with_logprobs)) as (_, http):
+        r = await sdk(http).chat.completions.create(model=MODEL, messages=user("Hi."), logprobs=True, top_logprobs=2)
+        content = r.choices[0].logprobs.content
+        assert [(c.token, c.logprob, c.bytes) for c in content] == [("He", -0.5, [72, 101]), ("llo", -0.25,
+                                                                                              [108, 108, 111])]
+        assert [(t.token, t.logprob) for t in content[1].top_logprobs] == [("llo", -0.25), ("y", -2.0)]
+        stream = await sdk(http).chat.completions.create(model=MODEL, messages=user("Hi."), logprobs=True,
+                                                         top_logprobs=2, stream=True)
+        streamed = [e.token async for c in stream if c.choices and c.choices[0].logprobs
+                    for e in c.choices[0].logprobs.content]
+        assert streamed == ["He", "llo"]
 
 
 async def test_a_refused_image_is_a_400_and_counted_by_reason():

@@ -281,7 +281,7 @@ def test_the_adapter_builds_the_original_prompt_ids(original, converted):
     adapter = make_adapter("auto", "llava", AutoTokenizer.from_pretrained(converted), {})
     question = "What colour is the square?"
     expected = [600 if t == -200 else t for t in original_prompt_ids(original / "llava-v1.5-tiny", question)]
-    assert adapter.macro_prompt(question) == expected
+    assert adapter.macro_prompt(adapter.conversation_prefix([], 1), question) == expected
 
 
 def test_tower_in_the_checkpoint_and_safetensors_sources_give_the_same_result(original, converted, tmp_path):
@@ -457,7 +457,7 @@ async def test_vllm_next_token_logprobs_match_the_original_forward_pass(engine, 
     image = picture()
     logits, original_ids = original_next_token_logits(original / "llava-v1.5-tiny", original / "clip", image,
                                                         question)
-    ids = engine.adapter.macro_prompt(question)
+    ids = engine.adapter.macro_prompt(engine.adapter.conversation_prefix([], 1), question)
     assert ids == [600 if t == -200 else t for t in original_ids]
     prompt = {"prompt_token_ids": ids,
               "multi_modal_data": {"image": [ModelImage.of(engine.adapter.model_image(image)).image]}}
@@ -492,7 +492,7 @@ async def test_the_converted_model_runs_dualfocus(engine):
     """The whole program on it: the box grammar over the grown vocabulary, the crop, fusion scoring."""
     from engine import Query, Sampling
 
-    result = await engine.answer(Query("Where is the red square?", picture(), sampling=Sampling(max_tokens=8)))
+    result = await engine.answer(Query("Where is the red square?", [picture()], sampling=Sampling(max_tokens=8)))
     t = result.trace
     assert t.mode == "dualfocus" and t.box.outcome in ("ok", "degenerate") and t.box.text.startswith("[")
     assert {"macro", "box"} <= set(t.stages) and t.stages["box"].prompt_tokens > 576

@@ -8,7 +8,9 @@ import pytest_asyncio
 
 from engine import DualFocusEngine, EngineConfig, Query, Sampling
 from engine.errors import RetryableEngineError
+from engine.query import Turn
 from engine.runner import PRIORITY_NEW, ModelImage
+from engine.trace import StageStats
 
 from .conftest import scene
 
@@ -19,7 +21,7 @@ QUESTIONS = ["What colour is the square?", "Where is the blue disc?", "How many 
              "Is the sky visible?", "What is on the left?", "Which shape is larger?"]
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["tiny-llava", "tiny-qwen2-vl"])
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl"])
 async def engine(request):
     eng = DualFocusEngine.create(EngineConfig(model=request.param, kv_cache_gib=1, max_model_len=4096))
     await eng.warm_up()
@@ -55,7 +57,7 @@ def check_complete(result, image):
 
 async def test_dualfocus_request_returns_a_complete_trace_and_reuses_the_image_prefix(engine):
     image = scene(672, 672)  # 576 image tokens in both families
-    result = await engine.answer(Query(QUESTIONS[0], image, sampling=Sampling(max_tokens=16)))
+    result = await engine.answer(Query(QUESTIONS[0], [image], sampling=Sampling(max_tokens=16)))
     check_complete(result, image)
     stages = result.trace.stages
     # The micro prompt extends the box prompt and reply: all their whole blocks come from the cache.
@@ -69,7 +71,7 @@ async def test_dualfocus_request_returns_a_complete_trace_and_reuses_the_image_p
 async def test_fusion_scores_both_answers_reading_the_cached_prefix(engine):
     scored = []
     for seed, question in enumerate(QUESTIONS):
-        result = await engine.answer(Query(question, scene(seed=seed), sampling=Sampling(max_tokens=12)))
+        result = await engine.answer(Query(question, [scene(seed=seed)], sampling=Sampling(max_tokens=12)))
         if result.trace.scores is not None:
             scored.append(result)
     assert scored, "no request needed scoring: every macro and micro answer agreed"
@@ -90,7 +92,7 @@ async def test_follow_up_prompts_extend_earlier_ones_as_vllm_expands_them(engine
     image = scene(seed=3)
     full = ModelImage.of(a.model_image(image))
     crop = ModelImage.of(a.model_image(image.crop((10, 10, 200, 150))))
-    box_prompt = a.box_prompt(QUESTIONS[1])
+    box_prompt = a.box_prompt(a.conversation_prefix([], 1), QUESTIONS[1])
     box = await engine.runner.generate(box_prompt, [full], engine.runner.box_params(), "t-box", PRIORITY_NEW)
     micro = await engine.runner.generate(a.micro_prompt(box_prompt, box.token_ids, QUESTIONS[1]), [full, crop],
                                   engine.runner.answer_params(Sampling(max_tokens=4)), "t-micro", PRIORITY_NEW)
@@ -107,7 +109,7 @@ async def test_follow_up_prompts_extend_earlier_ones_as_vllm_expands_them(engine
 async def test_sixteen_concurrent_requests_all_complete(engine):
     images = [scene(320 + 16 * i, 240 + 8 * i, seed=i) for i in range(16)]
     results = await asyncio.gather(*[
-        engine.answer(Query(QUESTIONS[i % len(QUESTIONS)], images[i], sampling=Sampling(max_tokens=12)))
+        engine.answer(Query(QUESTIONS[i % len(QUESTIONS)], [images[i]], sampling=Sampling(max_tokens=12)))
         for i in range(16)])
     for result, image in zip(results, images):
         check_complete(result, image)
@@ -115,7 +117,7 @@ async def test_sixteen_concurrent_requests_all_complete(engine):
 
 
 async def test_cancelled_request_leaves_no_sequences(engine):
-    task = asyncio.create_task(engine.answer(Query(QUESTIONS[2], scene(seed=9), sampling=Sampling(max_tokens=400))))
+    task = asyncio.create_task(engine.answer(Query(QUESTIONS[2], [scene(seed=9)], sampling=Sampling(max_tokens=400))))
     for _ in range(200):  # wait until its passes are in the engine
         await asyncio.sleep(0.01)
         if engine.num_unfinished_sequences > 0:
@@ -126,13 +128,13 @@ async def test_cancelled_request_leaves_no_sequences(engine):
         await task
     assert engine.num_unfinished_sequences == 0
     # The engine keeps serving.
-    result = await engine.answer(Query(QUESTIONS[0], scene(), mode="macro", sampling=Sampling(max_tokens=4)))
+    result = await engine.answer(Query(QUESTIONS[0], [scene()], mode="macro", sampling=Sampling(max_tokens=4)))
     assert result.trace.macro_answer == result.answer
 
 
 async def test_macro_mode_and_text_only_are_one_plain_pass(engine):
-    for query, why in [(Query(QUESTIONS[0], scene(), mode="macro", sampling=Sampling(max_tokens=8)), "macro mode"),
-                       (Query("Say hello.", None, sampling=Sampling(max_tokens=8)), "no image")]:
+    for query, why in [(Query(QUESTIONS[0], [scene()], mode="macro", sampling=Sampling(max_tokens=8)), "macro mode"),
+                       (Query("Say hello.", [], sampling=Sampling(max_tokens=8)), "no image")]:
         result = await engine.answer(query)
         t = result.trace
         assert t.mode == "macro" and t.chosen == "macro" and why in t.why
@@ -143,8 +145,8 @@ async def test_macro_mode_and_text_only_are_one_plain_pass(engine):
 async def test_request_sampling_applies_to_answers_and_the_box_stays_greedy(engine):
     image = scene(seed=5)
     hot = Sampling(max_tokens=12, temperature=1.0, seed=7)
-    first = await engine.answer(Query(QUESTIONS[4], image, sampling=hot))
-    second = await engine.answer(Query(QUESTIONS[4], image, sampling=Sampling(max_tokens=12, temperature=1.0, seed=8)))
+    first = await engine.answer(Query(QUESTIONS[4], [image], sampling=hot))
+    second = await engine.answer(Query(QUESTIONS[4], [image], sampling=Sampling(max_tokens=12, temperature=1.0, seed=8)))
     assert first.trace.box.text == second.trace.box.text  # greedy whatever the request's sampling
     assert (first.trace.macro_answer, first.trace.micro_answer) != (second.trace.macro_answer, second.trace.micro_answer)
 
@@ -171,7 +173,7 @@ async def test_a_pass_the_engine_fails_is_retried_once(engine, monkeypatch):
     faults = FailingSequences(engine, 1)
     monkeypatch.setattr(engine.llm, "generate", faults.generate)
     retries = engine.counters().retries
-    result = await engine.answer(Query("Say hello.", None, sampling=Sampling(max_tokens=6)), request_id="req-1")
+    result = await engine.answer(Query("Say hello.", [], sampling=Sampling(max_tokens=6)), request_id="req-1")
     assert result.answer == result.trace.macro_answer and result.trace.stages["macro"].completion_tokens == 6
     assert faults.failed_ids == ["req-1-macro"] and engine.counters().retries == retries + 1
     assert engine.num_unfinished_sequences == 0
@@ -181,7 +183,7 @@ async def test_a_pass_failed_twice_raises_a_retryable_error(engine, monkeypatch)
     faults = FailingSequences(engine, 2)
     monkeypatch.setattr(engine.llm, "generate", faults.generate)
     with pytest.raises(RetryableEngineError, match="twice"):
-        await engine.answer(Query("Say hello.", None, sampling=Sampling(max_tokens=6)), request_id="req-2")
+        await engine.answer(Query("Say hello.", [], sampling=Sampling(max_tokens=6)), request_id="req-2")
     assert faults.failed_ids == ["req-2-macro", "req-2-macro-retry"]
     assert engine.num_unfinished_sequences == 0
 
@@ -200,7 +202,7 @@ async def test_with_data_parallelism_all_passes_of_a_request_go_to_one_replica(e
     monkeypatch.setattr(engine.llm, "generate", recording_generate)
     monkeypatch.setattr(engine.runner, "data_parallel_size", 2)
     monkeypatch.setattr(engine.runner, "_next_rank", itertools.cycle(range(2)))
-    await asyncio.gather(*[engine.answer(Query(QUESTIONS[i], scene(seed=40 + i), sampling=Sampling(max_tokens=8)),
+    await asyncio.gather(*[engine.answer(Query(QUESTIONS[i], [scene(seed=40 + i)], sampling=Sampling(max_tokens=8)),
                                          request_id=f"dp{i}") for i in range(4)])
     by_request = {}
     for pass_id, rank in ranks.items():
@@ -240,3 +242,107 @@ async def test_vllms_exceptions_come_out_as_the_engines_own():
     assert isinstance(engine_error(VLLMEngineDeadError()), EngineDeadError)
     other = ValueError("not vLLM's")
     assert engine_error(other) is other
+
+
+# --- conversations ---------------------------------------------------------------------------
+
+class RecordedPasses:
+    """Every pass the engine runs, by request id, as vLLM reported it (expanded prompt ids)."""
+
+    def __init__(self, engine):
+        self.real, self.passes = engine.runner.generate, {}
+
+    async def generate(self, prompt_ids, images, params, request_id, *args, **kwargs):
+        out = await self.real(prompt_ids, images, params, request_id, *args, **kwargs)
+        self.passes[request_id.rsplit("-", 1)[-1] if "score" not in request_id else request_id.split("-", 1)[-1]] = out
+        return out
+
+
+async def test_a_system_message_goes_into_every_pass_and_all_passes_share_one_prefix(engine, monkeypatch):
+    recorded = RecordedPasses(engine)
+    monkeypatch.setattr(engine.runner, "generate", recorded.generate)
+    system = "You answer in one word about colours and shapes."
+    query = Query(QUESTIONS[5], [scene(672, 672, seed=11)], sampling=Sampling(max_tokens=8),  # 576 image tokens
+                  history=[Turn("system", system)])
+    result = await engine.answer(query, request_id="sys")
+    check_complete(result, query.images[0])
+    passes = recorded.passes
+    prefix = engine.adapter.conversation_prefix(query.history, 1).ids(engine.adapter)
+    system_ids = engine.adapter.encode(system)
+    box = passes["box"].prompt_token_ids
+    # Each later pass starts with the box prompt (and its reply), token for token, as vLLM expanded them.
+    shared = box + engine.adapter.strip_stop(passes["box"].token_ids)
+    assert passes["micro"].prompt_token_ids[: len(shared)] == shared
+    for name, out in passes.items():
+        ids = out.prompt_token_ids
+        assert any(ids[i: i + len(system_ids)] == system_ids for i in range(len(prefix))), name
+        if name != "box":
+            assert out.cached_tokens > 0, name
+    # The macro prompt shares the box prompt through the image (and the system text before it).
+    common = next(i for i, (a, b) in enumerate(zip(box, passes["macro"].prompt_token_ids)) if a != b)
+    assert common >= len(prefix) - 1 + 576
+    assert result.trace.stages["macro"].cached_tokens >= block_floor(engine, common)
+
+
+async def test_turn_two_about_the_same_image_reads_its_kv_from_the_cache(engine):
+    image = scene(672, 672, seed=12)  # 576 image tokens in both families
+    first = await engine.answer(Query("What is in the picture?", [image], sampling=Sampling(max_tokens=8)))
+    history = [Turn("user", "What is in the picture?", [image]), Turn("assistant", first.answer)]
+    second = await engine.answer(Query("And what colour is it?", [], sampling=Sampling(max_tokens=8), history=history))
+    t = second.trace
+    assert t.mode == "dualfocus" and t.zoomed_image == 0  # the image from turn 1, though turn 2 has none
+    check_complete(second, image)
+    # Its first pass (the box) finds the image's KV from turn 1 in the prefix cache.
+    assert t.stages["box"].cached_tokens >= block_floor(engine, 576)
+    assert second.usage.cached_tokens > first.usage.cached_tokens - t.stages.get("fusion", StageStats()).cached_tokens
+
+
+async def test_with_two_images_the_most_recent_is_zoomed(engine):
+    earlier, latest = scene(640, 480, seed=13), scene(300, 200, seed=14)
+    query = Query("Which one shows more red?", [earlier, latest], sampling=Sampling(max_tokens=8))
+    result = await engine.answer(query)
+    assert result.trace.zoomed_image == 1
+    check_complete(result, latest)  # box and crop lie in the second image's pixels
+    # Both images are in every pass; the micro pass adds the crop.
+    assert result.trace.stages["micro"].prompt_tokens > result.trace.stages["box"].prompt_tokens
+
+
+async def test_logprobs_of_the_chosen_answer_in_both_modes(engine):
+    for mode in ("dualfocus", "macro"):
+        result = await engine.answer(Query(QUESTIONS[0], [scene(seed=15)], mode=mode,
+                                           sampling=Sampling(max_tokens=10, logprobs=3)))
+        lps = result.logprobs
+        chosen = result.trace.stages["micro" if result.trace.chosen == "micro" else "macro"]
+        assert len(lps) in (chosen.completion_tokens, chosen.completion_tokens - 1)  # less the stop token
+        # The tokens spell the answer (the text leaves out special tokens a random model may pick).
+        specials = set(engine.adapter.tokenizer.all_special_tokens)
+        spelt = "".join(lp.token for lp in lps if lp.token not in specials)
+        assert spelt.replace("\ufffd", "") == result.answer.replace("\ufffd", ""), mode
+        for lp in lps:
+            assert lp.logprob <= 0 and len(lp.top) == 3
+            assert lp.top[0][1] >= lp.logprob  # greedy: the chosen token is the most likely one
+            assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+    plain = await engine.answer(Query(QUESTIONS[0], [scene(seed=15)], sampling=Sampling(max_tokens=4)))
+    assert plain.logprobs is None
+
+
+async def test_streamed_text_comes_with_its_logprobs(engine):
+    seen = []
+    result = await engine.answer(Query("Say hello.", [], sampling=Sampling(max_tokens=8, logprobs=0)),
+                                 on_text=lambda text, lps: seen.append((text, len(lps))))
+    counts = [n for _, n in seen]  # logprobs so far, at each step (vLLM may merge steps)
+    assert len(seen) >= 2 and counts == sorted(counts) and counts[-1] == 8
+    assert seen[-1][0] == result.answer and len(result.logprobs) in (7, 8)
+    assert all(len(lp.top) == 0 for lp in result.logprobs)
+
+
+async def test_json_schema_answers_in_both_passes(engine):
+    import json
+
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "blue", "grey"]}},
+              "required": ["colour"], "additionalProperties": False}
+    result = await engine.answer(Query(QUESTIONS[0], [scene(seed=16)],
+                                       sampling=Sampling(max_tokens=40, json_schema=schema)))
+    t = result.trace
+    for answer in (t.macro_answer, t.micro_answer, result.answer):
+        assert json.loads(answer)["colour"] in ("red", "blue", "grey")

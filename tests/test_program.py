@@ -23,7 +23,7 @@ def adapter():
 
 
 async def run(runner, adapter, question="What colour is the square?", **query):
-    return await run_dualfocus(runner, adapter, Query(question, IMAGE, **query), "r1", asyncio.Event())
+    return await run_dualfocus(runner, adapter, Query(question, [IMAGE], **query), "r1", asyncio.Event())
 
 
 @pytest.mark.parametrize("box, outcome", [("no box here", "unparsed"), ("[1.20, 1.30, 1.50, 1.60]", "outside")])
@@ -46,7 +46,7 @@ async def test_a_usable_box_crops_the_region_and_the_micro_pass_extends_the_box_
     assert t.crop.rect == (39, 55, 217, 233)  # squared about the centre, enlarged by 25 px
     assert micro.image_sizes == [(640, 640), (178, 178)]  # LLaVA pads both square
     assert micro.prompt_ids[:len(box.prompt_ids)] == box.prompt_ids  # a follow-up, token for token
-    assert box.params == ("box",) and macro.params[1].max_tokens == 7 and micro.params[1].max_tokens == 7
+    assert box.params == ("box", adapter.box_regex) and macro.params[1].max_tokens == 7 and micro.params[1].max_tokens == 7
     assert t.chosen == "same" and result.answer == "red" and "fusion" not in t.stages  # no scoring needed
 
 
@@ -55,7 +55,8 @@ async def test_multiple_choice_scores_the_option_texts_and_the_box_asks_about_th
     runner = FakeRunner({"box": BOX, "macro": "A", "micro": "B."}, nll={"macro": 3.0, "micro": 1.5})
     result = await run(runner, adapter, question)
     box = next(p for p in runner.passes if p.kind == "box")
-    assert box.prompt_ids == adapter.box_prompt("What colour is the square?")  # options name no region
+    # options name no region
+    assert box.prompt_ids == adapter.box_prompt(adapter.conversation_prefix([], 1), "What colour is the square?")
     assert runner.scored == {"macro": adapter.reply_ids("red"), "micro": adapter.reply_ids("blue")}
     t = result.trace
     assert t.scores == {"macro": 3.0, "micro": 1.5} and t.chosen == "micro" and result.answer == "B."
@@ -114,7 +115,7 @@ async def test_cancelling_the_request_cancels_every_running_pass(adapter):
 
 async def test_a_single_pass_streams_its_text_and_has_no_image_without_one(adapter):
     runner = FakeRunner({"macro": "hello"})
-    result = await run_single_pass(runner, adapter, Query("Say hello.", None), "r2", asyncio.Event())
+    result = await run_single_pass(runner, adapter, Query("Say hello.", []), "r2", asyncio.Event())
     (only,) = runner.passes
-    assert only.image_sizes == [] and only.prompt_ids == adapter.macro_prompt("Say hello.", with_image=False)
+    assert only.image_sizes == [] and only.prompt_ids == adapter.macro_prompt(adapter.conversation_prefix([], 0), "Say hello.")
     assert result.answer == "hello" and result.trace.mode == "macro" and result.trace.why == "no image: one plain pass"

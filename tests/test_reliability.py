@@ -75,9 +75,16 @@ BAD_REQUESTS = {
     "unknown role": ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     "unknown part type": ({"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "audio", "audio": "x"}]}]}, 400, None),
-    "system turn": ({"model": MODEL, "messages": [{"role": "system", "content": "be nice"}, *TEXT]}, 400, "messages"),
+    "image in a system message": ({"model": MODEL, "messages": [{"role": "system", "content": [
+        {"type": "image_url", "image_url": {"url": GOOD_IMAGE}}]}, *TEXT]}, 400, "messages.0.content"),
+    "ends with an assistant turn": ({"model": MODEL, "messages": [*TEXT, {"role": "assistant", "content": "hello"}]},
+                                    400, "messages.1.role"),
+    "tool message": ({"model": MODEL, "messages": [*TEXT, {"role": "tool", "content": "4", "tool_call_id": "c"}]},
+                     400, "tools_not_supported"),
+    "tools": ({"model": MODEL, "messages": TEXT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+              "tools_not_supported"),
     "no text": ({"model": MODEL, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": GOOD_IMAGE}}]}]}, 400, "messages"),
+        {"type": "image_url", "image_url": {"url": GOOD_IMAGE}}]}]}, 400, "messages.0.content"),
     "bad base64": (ask("data:image/png;base64,!!!notbase64!!!"), 400, "image_bad_base64"),
     "not an image": (ask("data:image/png;base64,aGVsbG8gd29ybGQ="), 400, "image_not_an_image"),
     "truncated image": (ask(_jpeg_half()), 400, "image_truncated"),
@@ -85,8 +92,8 @@ BAD_REQUESTS = {
     "GIF image": (ask(_gif()), 400, "image_format"),
     "decompression bomb": (ask(png_data_url(bomb_png(20_000))), 413, "image_too_many_pixels"),
     "too many images": ({"model": MODEL, "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "compare"}, {"type": "image_url", "image_url": {"url": GOOD_IMAGE}},
-        {"type": "image_url", "image_url": {"url": GOOD_IMAGE}}]}]}, 400, "messages"),
+        {"type": "text", "text": "compare"}, *[{"type": "image_url", "image_url": {"url": GOOD_IMAGE}}] * 5]}]}, 400,
+        "too_many_images"),
     "ftp URL": (ask("ftp://images.example/x.png"), 400, "image_url"),
     "javascript URL": (ask("javascript:alert(1)"), 400, "image_url"),
     "host not allowed": (ask("http://evil.example.org/x.png"), 400, "image_host_not_allowed"),

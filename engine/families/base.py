@@ -11,14 +11,32 @@ prefix cache serves the shared part.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image
+
+from ..query import Turn
 
 # The reference's stage prompts (docs/method.md).
 BOX_INSTRUCTION = "Please provide the bounding box coordinate of the region this question asks: {question}"
 MICRO_INSTRUCTION = "Please combine the information from these two images and answer this question: {question}"
 SCORING_INSTRUCTION = "{question}\nAnswer the question using a single word or phrase."
+
+
+# A piece of a rendered prompt: text, or token ids put in as they are.
+Piece = str | tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The conversation up to the question's text, as pieces (FamilyAdapter.conversation_prefix)."""
+
+    pieces: list[Piece]
+    turn_open: bool  # the question's user turn is open, its images in the pieces
+
+    def ids(self, adapter: FamilyAdapter) -> list[int]:
+        return adapter.encode_pieces(self.pieces)
 
 
 @dataclass(frozen=True)
@@ -52,10 +70,24 @@ class FamilyAdapter(ABC):
         """The image as this family feeds it to the model (RGB; LLaVA pads it square)."""
         return image.convert("RGB")
 
-    # --- prompts (token ids, one placeholder per image) ------------------------------------
+    # --- the family's chat template --------------------------------------------------------
+    # A prompt is rendered as pieces: text, or literal token ids (an image's placeholder,
+    # BOS, EOS). Adjacent text is tokenised as one run, so text between images is tokenised
+    # in one piece, as LLaVA's tokenizer_image_token does.
+
     @abstractmethod
-    def first_turn(self, text: str, with_image: bool) -> list[int]:
-        """A conversation's start through one user turn, ending where the assistant speaks."""
+    def image_ids(self) -> tuple[int, ...]:
+        """The placeholder vLLM expands to one image's tokens."""
+
+    @abstractmethod
+    def conversation_pieces(self, history: Sequence[Turn], question_images: int) -> list[Piece]:
+        """System, earlier turns, and the question's user turn opened through its images
+        (if it has none, the pieces end where its turn would begin)."""
+
+    @abstractmethod
+    def question_pieces(self, text: str, turn_open: bool) -> list[Piece]:
+        """The question's text, closing its user turn and cueing the assistant; `turn_open`:
+        the turn was opened (with its images) by conversation_pieces."""
 
     @abstractmethod
     def next_turn(self, text: str, with_image: bool) -> list[int]:
@@ -64,6 +96,31 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def close_reply(self, reply_ids: list[int]) -> list[int]:
         """The ids that follow the box prompt: the model's reply, closed as the template closes it."""
+
+    def encode_pieces(self, pieces: Sequence[Piece]) -> list[int]:
+        ids: list[int] = []
+        text = ""
+        for piece in pieces:
+            if isinstance(piece, str):
+                text += piece
+                continue
+            if text:
+                ids += self.encode(text)
+                text = ""
+            ids += piece
+        return ids + (self.encode(text) if text else [])
+
+    # --- prompts of the passes -----------------------------------------------------------------
+    def conversation_prefix(self, history: Sequence[Turn], question_images: int) -> Prefix:
+        """What every pass of a request starts with, token for token: the whole conversation
+        up to the question's text. In a conversation with an image it ends after an image or
+        a special token (the question's turn opened through its images, or an earlier turn
+        closed), so the passes' own text, tokenised after it, cannot merge into it."""
+        return Prefix(self.conversation_pieces(history, question_images), question_images > 0)
+
+    def prompt(self, prefix: Prefix, text: str) -> list[int]:
+        """The conversation with `text` as the last user turn's text, ending where the assistant speaks."""
+        return self.encode_pieces(prefix.pieces + self.question_pieces(text, prefix.turn_open))
 
     # What separates the assistant's cue from its reply ("ASSISTANT: B" in vicuna_v1).
     reply_prefix = ""
@@ -76,11 +133,11 @@ class FamilyAdapter(ABC):
         """Ids put after the assistant's cue in the box prompt (Qwen2-VL opens the box tag)."""
         return []
 
-    def macro_prompt(self, question: str, with_image: bool = True) -> list[int]:
-        return self.first_turn(question, with_image)
+    def macro_prompt(self, prefix: Prefix, question: str) -> list[int]:
+        return self.prompt(prefix, question)
 
-    def box_prompt(self, question: str) -> list[int]:
-        return self.first_turn(BOX_INSTRUCTION.format(question=question), True) + self.box_prompt_suffix()
+    def box_prompt(self, prefix: Prefix, question: str) -> list[int]:
+        return self.prompt(prefix, BOX_INSTRUCTION.format(question=question)) + self.box_prompt_suffix()
 
     def micro_prompt(self, box_prompt: list[int], box_reply: list[int], question: str) -> list[int]:
         turn = self.next_turn(MICRO_INSTRUCTION.format(question=question), True)
@@ -95,6 +152,11 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def box_regex(self) -> str:
         """The grammar the box reply is generated under, so it always parses."""
+
+    def box_regex_for(self, width: int, height: int) -> str:
+        """The box grammar for an image of width x height (a family whose coordinates depend on
+        the image's size bounds them to it, so the box always lies in the image)."""
+        return self.box_regex
 
     @abstractmethod
     def parse_box(self, text: str, width: int, height: int) -> ParsedBox | None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from PIL import Image
 
-from .base import FamilyAdapter, ParsedBox
+from ..query import Turn
+from .base import FamilyAdapter, ParsedBox, Piece
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -36,7 +38,8 @@ _FOUR_NUMBERS = re.compile(r"(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)?),\s*(\d+(?:\.\d+)
 
 
 class LlavaAdapter(FamilyAdapter):
-    """`SYSTEM USER: <image>\\n{text} ASSISTANT: {reply}</s>USER: ...` as LLaVA's conv_vicuna_v1.
+    """`SYSTEM USER: <image>\\n{text} ASSISTANT: {reply}</s>USER: ...` as LLaVA's conv_vicuna_v1
+    (several images in a turn: one `<image>` line each).
 
     Text around an image is tokenised in pieces split at `<image>`, as LLaVA's own
     tokenizer_image_token does, so ids match the reference's.
@@ -58,17 +61,36 @@ class LlavaAdapter(FamilyAdapter):
         square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
         return square
 
-    def _user_turn(self, prefix: str, text: str, with_image: bool) -> list[int]:
-        if not with_image:
-            return self.encode(f"{prefix}USER: {text} ASSISTANT:")
-        return self.encode(f"{prefix}USER: ") + [self.token_id(self.image_token)] + self.encode(f"\n{text} ASSISTANT:")
+    def image_ids(self) -> tuple[int, ...]:
+        return (self.token_id(self.image_token),)
 
-    def first_turn(self, text: str, with_image: bool) -> list[int]:
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return bos + self._user_turn(f"{SYSTEM} ", text, with_image)
+    def conversation_pieces(self, history: Sequence[Turn], question_images: int) -> list[Piece]:
+        # vicuna_v1 has one system line: the request's system (and developer) messages, joined,
+        # take the default's place.
+        system = "\n".join(t.text for t in history if t.role == "system") or SYSTEM
+        bos = (self.tokenizer.bos_token_id,) if self.tokenizer.bos_token_id is not None else ()
+        pieces: list[Piece] = [bos, system + " "]
+        for turn in history:
+            if turn.role == "user":
+                pieces += self._user_opening(len(turn.images)) + [("\n" if turn.images else "") + turn.text + " "]
+            elif turn.role == "assistant":
+                pieces += [f"ASSISTANT: {turn.text.strip()}", (self.tokenizer.eos_token_id,)]
+        return pieces + (self._user_opening(question_images) if question_images else [])
+
+    def question_pieces(self, text: str, turn_open: bool) -> list[Piece]:
+        return [f"\n{text} ASSISTANT:" if turn_open else f"USER: {text} ASSISTANT:"]
+
+    def _user_opening(self, images: int) -> list[Piece]:
+        """`USER: ` and the turn's images, one per line."""
+        pieces: list[Piece] = ["USER: "]
+        for i in range(images):
+            pieces += (["\n"] if i else []) + [self.image_ids()]
+        return pieces
 
     def next_turn(self, text: str, with_image: bool) -> list[int]:
-        return self._user_turn("", text, with_image)
+        if not with_image:
+            return self.encode(f"USER: {text} ASSISTANT:")
+        return self.encode("USER: ") + list(self.image_ids()) + self.encode(f"\n{text} ASSISTANT:")
 
     def close_reply(self, reply_ids: list[int]) -> list[int]:
         # The turn separator after an assistant reply is "</s>", the EOS the reply ends with.

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
-from .base import FamilyAdapter, ParsedBox
+from ..query import Turn
+from .base import FamilyAdapter, ParsedBox, Piece
 
 SYSTEM = "You are a helpful assistant."
 # ChatML as a Jinja chat template (tokenizer_config.json), for clients of the stock vLLM server.
@@ -27,6 +29,18 @@ _INT_0_1000 = r"(?:1000|[1-9][0-9]{0,2}|0)"
 _INT_PIXELS = r"(?:0|[1-9][0-9]{0,4})"
 
 
+def up_to(n: int) -> str:
+    """A regex for the integers 0..n, written without leading zeros."""
+    digits = str(n)
+    alternatives = ["[0-9]" if length == 1 else f"[1-9][0-9]{{{length - 1}}}" for length in range(1, len(digits))]
+    for i, ch in enumerate(digits):  # same length as n: a prefix of n, then a smaller digit, then any
+        lowest = 1 if i == 0 and len(digits) > 1 else 0
+        if int(ch) - 1 >= lowest:
+            rest = len(digits) - i - 1
+            alternatives.append(digits[:i] + f"[{lowest}-{int(ch) - 1}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+    return "(?:" + "|".join([*alternatives, digits]) + ")"
+
+
 class Qwen2VLAdapter(FamilyAdapter):
     """`<|box_start|>(x1,y1),(x2,y2)<|box_end|>`, integers on a 0-1000 grid of the original image.
 
@@ -37,18 +51,31 @@ class Qwen2VLAdapter(FamilyAdapter):
 
     name = "qwen2_vl"
 
-    def _image(self) -> list[int]:
-        return [self.token_id("<|vision_start|>"), self.token_id("<|image_pad|>"), self.token_id("<|vision_end|>")]
+    def image_ids(self) -> tuple[int, ...]:
+        return (self.token_id("<|vision_start|>"), self.token_id("<|image_pad|>"), self.token_id("<|vision_end|>"))
 
-    def _user_turn(self, text: str, with_image: bool) -> list[int]:
-        image = self._image() if with_image else []
-        return self.encode("<|im_start|>user\n") + image + self.encode(f"{text}<|im_end|>\n<|im_start|>assistant\n")
+    def conversation_pieces(self, history: Sequence[Turn], question_images: int) -> list[Piece]:
+        # As Qwen's template: the default system message unless the conversation starts with one;
+        # every message in its own <|im_start|>role ... <|im_end|> block, in order.
+        pieces: list[Piece] = []
+        if not history or history[0].role != "system":
+            pieces.append(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")
+        for turn in history:
+            if turn.role == "user":
+                pieces += self._user_opening(len(turn.images)) + [f"{turn.text}<|im_end|>\n"]
+            else:
+                pieces.append(f"<|im_start|>{turn.role}\n{turn.text}<|im_end|>\n")
+        return pieces + (self._user_opening(question_images) if question_images else [])
 
-    def first_turn(self, text: str, with_image: bool) -> list[int]:
-        return self.encode(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n") + self._user_turn(text, with_image)
+    def question_pieces(self, text: str, turn_open: bool) -> list[Piece]:
+        closing = f"{text}<|im_end|>\n<|im_start|>assistant\n"
+        return [closing] if turn_open else ["<|im_start|>user\n" + closing]
+
+    def _user_opening(self, images: int) -> list[Piece]:
+        return ["<|im_start|>user\n"] + [self.image_ids()] * images
 
     def next_turn(self, text: str, with_image: bool) -> list[int]:
-        return self._user_turn(text, with_image)
+        return self.encode_pieces(self._user_opening(int(with_image)) + self.question_pieces(text, True))
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -88,6 +115,12 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     def box_regex(self) -> str:
         n = _INT_PIXELS
         return rf'\[\{{"bbox_2d": \[{n}, {n}, {n}, {n}\]\}}\]'
+
+    def box_regex_for(self, width: int, height: int) -> str:
+        # Coordinates are pixels of the resized input: bounded by its size, the box lies in the image.
+        rh, rw = self.resized_size(height, width)
+        x, y = up_to(rw), up_to(rh)
+        return rf'\[\{{"bbox_2d": \[{x}, {y}, {x}, {y}\]\}}\]'
 
     def parse_box(self, text: str, width: int, height: int) -> ParsedBox | None:
         m = re.search(r'"bbox_2d":\s*\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\]', text)

@@ -8,7 +8,7 @@ client (clients/python/result.py) and the load generator (loadtests/) read trace
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Literal
 
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,27 +23,41 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class TextPart(_Model):
-    type: Literal["text"]
-    text: str
-
-
 class ImageURL(_Model):
     url: str
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class ImagePart(_Model):
-    type: Literal["image_url"]
-    image_url: ImageURL
+class ContentPart(_Model):
+    """A part of a message's content. Only `text` and `image_url` parts are served (and an
+    assistant's `refusal`); any other type (input_audio, file, ...) is refused with a 400
+    naming it (chat_completions/messages.py)."""
 
-
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+    type: str
+    text: str | None = None
+    image_url: ImageURL | None = None
+    refusal: str | None = None
 
 
 class Message(_Model):
-    role: Literal["system", "developer", "user", "assistant"]
+    # tool and function messages are refused with a clear 400 (this server calls no tools).
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None  # a participant's name: accepted, not shown to the model (as vLLM's templates)
+    tool_calls: list[dict] | None = None  # refused when not empty
+    function_call: dict | None = None  # refused
+
+
+class JSONSchemaFormat(_Model):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "answer"
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class StreamOptions(_Model):
@@ -66,6 +80,20 @@ class ChatCompletionRequest(_Model):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    # Refused when they ask for something (chat_completions/messages.py says why).
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
+    audio: dict | None = None
+    modalities: list[str] | None = None
+    web_search_options: dict | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Extension: the openai SDK sends it with extra_body={"dualfocus": {...}}.
@@ -108,6 +136,9 @@ class DualFocusTrace(BaseModel):
     box: BoxTrace | None
     crop: CropTrace | None
     scores: dict[str, float] | None = Field(description="mean token NLL per candidate answer; lower wins")
+    zoomed_image: int | None = Field(
+        default=None, description="which of the conversation's images (0-based, in order) the box and crop are on"
+    )
     stages: dict[str, StageTrace] = Field(description="per stage: macro, box, micro, fusion (those that ran)")
 
     @classmethod
@@ -124,6 +155,7 @@ class DualFocusTrace(BaseModel):
             else BoxTrace(text=t.box.text, normalized=t.box.normalized, pixels=t.box.pixels, outcome=t.box.outcome),
             crop=None if t.crop is None else CropTrace(width=t.crop.width, height=t.crop.height, rect=t.crop.rect),
             scores=t.scores,
+            zoomed_image=t.zoomed_image,
             stages={
                 name: StageTrace(ms=round(s.ms, 3), prompt_tokens=s.prompt_tokens, cached_tokens=s.cached_tokens)
                 for name, s in t.stages.items()

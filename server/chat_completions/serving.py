@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from openai.types.chat.chat_completion import Choice
@@ -19,26 +19,25 @@ from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from openai.types.chat.chat_completion_message import ChatCompletionMessage
 from openai.types.completion_usage import CompletionUsage, PromptTokensDetails
 
-from engine import EngineClient, Query, Result, Sampling
+from engine import EngineClient, Query, Result, Sampling, TokenLogprob
+from engine.trace import OnText
 
 from ..errors import APIError, as_api_error
-from ..images import load_image
 from ..metrics import ServerMetrics
 from ..settings import ServerSettings
+from .messages import refuse_unsupported, to_conversation
 from .protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionStreamChunk,
     DualFocusTrace,
-    ImagePart,
-    TextPart,
 )
 
 log = logging.getLogger("dualfocus.requests")
 
 
 async def to_query(req: ChatCompletionRequest, settings: ServerSettings, max_model_len: int) -> Query:
-    """Decode: one user turn (text and at most the allowed number of images) -> Query."""
+    """Decode: the conversation (chat_completions/messages.py) and the sampling -> Query."""
     if req.model != settings.model_name:
         raise APIError(
             404,
@@ -46,24 +45,8 @@ async def to_query(req: ChatCompletionRequest, settings: ServerSettings, max_mod
             param="model",
             code="model_not_found",
         )
-    if len(req.messages) != 1 or req.messages[0].role != "user":
-        raise APIError(
-            400,
-            "only single-turn requests are supported: send exactly one user message (no system or earlier turns)",
-            param="messages",
-        )
-    content = req.messages[0].content
-    parts = [TextPart(type="text", text=content)] if isinstance(content, str) else (content or [])
-    texts = [p.text for p in parts if isinstance(p, TextPart)]
-    images = [p.image_url.url for p in parts if isinstance(p, ImagePart)]
-    if len(images) > settings.max_images_per_request:
-        raise APIError(
-            400, f"at most {settings.max_images_per_request} image(s) per request, got {len(images)}", param="messages"
-        )
-    question = "\n".join(texts).strip()
-    if not question:
-        raise APIError(400, "the user message has no text", param="messages")
-    image = await load_image(images[0], settings) if images else None
+    refuse_unsupported(req)
+    history, question, images = await to_conversation(req.messages, settings, settings.engine.max_images_per_request)
     max_tokens = req.max_completion_tokens or req.max_tokens or min(512, max_model_len)
     if max_tokens >= max_model_len:
         raise APIError(
@@ -73,10 +56,38 @@ async def to_query(req: ChatCompletionRequest, settings: ServerSettings, max_mod
             param="max_tokens",
         )
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    fmt = req.response_format
     sampling = Sampling(
-        max_tokens=max_tokens, temperature=req.temperature or 0.0, top_p=req.top_p, seed=req.seed, stop=stop
+        max_tokens=max_tokens,
+        temperature=req.temperature or 0.0,
+        top_p=req.top_p,
+        seed=req.seed,
+        stop=stop,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        logit_bias=req.logit_bias,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        json_schema=fmt.json_schema.schema_ if fmt and fmt.type == "json_schema" and fmt.json_schema else None,
+        json_object=bool(fmt and fmt.type == "json_object"),
     )
-    return Query(question, image, mode=req.dualfocus.mode, sampling=sampling)
+    return Query(question, images, mode=req.dualfocus.mode, sampling=sampling, history=history)
+
+
+def _logprobs(entries: list[TokenLogprob] | None) -> dict | None:
+    """OpenAI's `logprobs` of a choice (or of a chunk's choice)."""
+    if entries is None:
+        return None
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": list(e.token.encode()),
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in e.top],
+            }
+            for e in entries
+        ]
+    }
 
 
 def _usage(result: Result) -> CompletionUsage:
@@ -109,6 +120,7 @@ class ChatCompletionsService:
                 Choice(
                     index=0,
                     finish_reason=_finish(result),
+                    logprobs=_logprobs(result.logprobs),  # type: ignore[arg-type]  # validated into ChoiceLogprobs
                     message=ChatCompletionMessage(role="assistant", content=result.answer),
                 )
             ],
@@ -125,11 +137,11 @@ class ChatCompletionsService:
         base: dict[str, Any] = dict(
             id=f"chatcmpl-{request_id}", object="chat.completion.chunk", created=int(time.time()), model=req.model
         )
-        updates: asyncio.Queue[str] = asyncio.Queue()
-        sent = ""
+        updates: asyncio.Queue[tuple[str, list[TokenLogprob] | None]] = asyncio.Queue()
+        sent, sent_logprobs = "", 0
 
-        def on_text(text: str) -> None:
-            updates.put_nowait(text)
+        def on_text(text: str, logprobs: list[TokenLogprob] | None) -> None:
+            updates.put_nowait((text, list(logprobs) if logprobs is not None else None))
 
         task = asyncio.create_task(self._run(query, request_id, on_text))
         try:
@@ -142,29 +154,32 @@ class ChatCompletionsService:
                 if not getter.done():
                     getter.cancel()
                     continue
-                text = getter.result()
+                text, logprobs = getter.result()
                 if len(text) > len(sent):
                     if first:
                         self.metrics.ttft.observe(time.perf_counter() - arrived)
                         first = False
+                    new_logprobs = _logprobs(logprobs[sent_logprobs:] if logprobs is not None else None)
+                    delta = ChoiceDelta(content=text[len(sent) :])
                     yield _sse(
                         ChatCompletionStreamChunk(
-                            **base, choices=[ChunkChoice(index=0, delta=ChoiceDelta(content=text[len(sent) :]))]
+                            **base,
+                            choices=[ChunkChoice(index=0, delta=delta, logprobs=new_logprobs)],  # type: ignore[arg-type]
                         )
                     )
-                    sent = text
+                    sent, sent_logprobs = text, len(logprobs or [])
             try:
                 result = task.result()
             except Exception as e:  # the response has started: the error goes in the stream, as OpenAI's does
                 yield f"data: {json.dumps(as_api_error(e).body())}\n\n"
                 return
             rest = result.answer[len(sent) :] if result.answer.startswith(sent) else result.answer
-            if rest:
+            rest_logprobs = result.logprobs[sent_logprobs:] if result.logprobs is not None else None
+            if rest or rest_logprobs:
                 if first:
                     self.metrics.ttft.observe(time.perf_counter() - arrived)
-                yield _sse(
-                    ChatCompletionStreamChunk(**base, choices=[ChunkChoice(index=0, delta=ChoiceDelta(content=rest))])
-                )
+                choice = ChunkChoice(index=0, delta=ChoiceDelta(content=rest), logprobs=_logprobs(rest_logprobs))  # type: ignore[arg-type]
+                yield _sse(ChatCompletionStreamChunk(**base, choices=[choice]))
             last = ChatCompletionStreamChunk(
                 **base, choices=[ChunkChoice(index=0, delta=ChoiceDelta(), finish_reason=_finish(result))]
             )
@@ -181,7 +196,7 @@ class ChatCompletionsService:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def _run(self, query: Query, request_id: str, on_text: Callable[[str], None] | None = None) -> Result:
+    async def _run(self, query: Query, request_id: str, on_text: OnText | None = None) -> Result:
         mode = query.runs_as
         t0 = time.perf_counter()
         status = "error"
