@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= tiny-llava
 
-.PHONY: help install test-tools models serve test test-fast bench soak docker clean
+.PHONY: help install test-tools models serve test test-fast bench soak docker docker-tools docker-test clean
 
 help:
 	@echo "make serve   set up, build the default tiny model if missing, and serve it on 127.0.0.1:8000"
@@ -11,6 +11,7 @@ help:
 	@echo "make models  build the embedded tiny checkpoints (prints NAME PATH)"
 	@echo "make bench   this service vs stock vLLM vs the reference's way (docs/benchmarks.md)"
 	@echo "make soak    2 minutes at 4x the sustainable rate: stays up, refuses politely (docs/reliability.md)"
+	@echo "make docker-test  build the image and run it: answers, metrics, drains, no build secrets (docs/deploy.md)"
 	@echo "make docker  build the image dualfocus-serve:cpu (VARIANT=gpu: CUDA; needs a Docker engine; docs/deploy.md)"
 
 install:
@@ -45,10 +46,28 @@ soak: install
 	$(PY) -m loadtests.soak --factor 4 --duration 120
 
 # The service as an image, installed by deploy/install.sh like `make` (docs/deploy.md). Needs a
-# Docker engine with BuildKit, which the machines this project is developed on do not run.
+# Docker engine with BuildKit. BASE_IMAGE: another base than python:3.11-slim-bookworm (where no
+# image registry is reachable: deploy/docker/base-image.sh); DOCKER_BUILD_FLAGS: more `docker build`
+# flags (--secret, --network host); DOCKER: the docker CLI.
+DOCKER ?= docker
 docker: VARIANT ?= cpu
 docker:
-	docker build --build-arg VARIANT=$(VARIANT) -t dualfocus-serve:$(VARIANT) .
+	DOCKER_BUILDKIT=1 $(DOCKER) build --build-arg VARIANT=$(VARIANT) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+	  $(DOCKER_BUILD_FLAGS) -t dualfocus-serve:$(VARIANT) .
+
+# Docker's engine (Debian's docker.io, no systemd needed), debootstrap for a local base image and
+# docker-compose to check deploy/compose.yaml: what `make docker-test` needs (.ci/run installs them).
+docker-tools:
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null && command -v docker-compose >/dev/null || { \
+	  echo "installing Debian's docker.io, debootstrap and docker-compose" >&2; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    docker.io debootstrap docker-compose >/dev/null; }
+
+# The image built with `make docker` and run: answers, metrics, non-root, drains on SIGTERM, no build
+# secrets in any layer (tests/test_image.py, also part of `make test` when a Docker engine can be
+# started). Starts dockerd if none runs and stops it after.
+docker-test: install test-tools docker-tools
+	$(PY) -m pytest -q -ra tests/test_image.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 Mode = Literal["dualfocus", "macro"]
+Chosen = Literal["macro", "micro", "same"]  # which answer DualFocus returned
 STAGES = ("macro", "box", "micro", "fusion")
 
 
@@ -50,7 +51,7 @@ class CropTrace:
 @dataclass
 class Trace:
     mode: Mode
-    chosen: Literal["macro", "micro", "same"]
+    chosen: Chosen
     why: str
     macro_answer: str
     micro_answer: str | None = None

@@ -3,11 +3,13 @@ the vllm:* series the in-process engine registers there, so one /metrics serves 
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.trace import STAGES, Result
+from engine.trace import STAGES, Chosen, Mode, Result
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80)
 
@@ -47,11 +49,23 @@ class EngineCounters(Collector):
 ENGINE_COUNTERS = EngineCounters()
 REGISTRY.register(ENGINE_COUNTERS)
 
-for _reason in ("queue_full", "not_ready", "engine_dead", "unauthorized"):  # every series exists from the start
+# Every series exists from the start, at 0: a ratio or rate over a series that has not happened
+# yet (no request has failed, no image was refused) is then 0 on the dashboard, not "No data".
+for _reason in ("queue_full", "not_ready", "engine_dead", "unauthorized"):
     REJECTED.labels(_reason)
 for _stage in STAGES:
     PROMPT_TOKENS.labels(_stage)
     CACHED_TOKENS.labels(_stage)
+for _mode in get_args(Mode):
+    REQUEST_SECONDS.labels(_mode)
+    for _status in ("ok", "error", "cancelled"):
+        REQUESTS.labels(_mode, _status)
+for _chosen in get_args(Chosen):
+    FUSION.labels(_chosen)
+# server/images.py's refusal reasons (its _refuse calls).
+for _reason in ("url", "too_large", "bad_base64", "not_found", "fetch", "host_not_allowed", "address_not_public",
+                "empty", "too_many_pixels", "not_an_image", "format", "truncated"):
+    IMAGE_ERRORS.labels(_reason)
 
 
 def record_result(result: Result) -> None:
