@@ -20,11 +20,13 @@ install:
 models: install
 	$(PY) -m engine.cli build-tiny
 
-# Tools the tests use beside the Python packages: promtool (Debian's prometheus package).
+# Tools the tests use beside the Python packages: promtool and a Prometheus server (Debian's
+# prometheus package), the Compose tool that checks deploy/compose.yaml (Debian's docker-compose).
 test-tools:
-	@command -v promtool >/dev/null || { \
-	  echo "installing Debian's prometheus package for promtool" >&2; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+	  echo "installing Debian's prometheus and docker-compose packages" >&2; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus docker-compose >/dev/null; }
 
 serve: install
 	$(PY) -m engine.cli build-tiny $(MODEL)
@@ -55,13 +57,13 @@ docker:
 	DOCKER_BUILDKIT=1 $(DOCKER) build --build-arg VARIANT=$(VARIANT) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
 	  $(DOCKER_BUILD_FLAGS) -t dualfocus-serve:$(VARIANT) .
 
-# Docker's engine (Debian's docker.io, no systemd needed), debootstrap for a local base image and
-# docker-compose to check deploy/compose.yaml: what `make docker-test` needs (.ci/run installs them).
+# Docker's engine (Debian's docker.io; dockerd runs without systemd) and debootstrap for a local base
+# image: what `make docker-test` needs beside the test tools (.ci/run installs them).
 docker-tools:
-	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null && command -v docker-compose >/dev/null || { \
-	  echo "installing Debian's docker.io, debootstrap and docker-compose" >&2; \
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null || { \
+	  echo "installing Debian's docker.io and debootstrap packages" >&2; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    docker.io debootstrap docker-compose >/dev/null; }
+	    docker.io debootstrap >/dev/null; }
 
 # The image built with `make docker` and run: answers, metrics, non-root, drains on SIGTERM, no build
 # secrets in any layer (tests/test_image.py, also part of `make test` when a Docker engine can be
