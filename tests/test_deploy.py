@@ -1,5 +1,6 @@
-"""The deploy artefacts, checked without a Docker engine or a cluster (none runs on these machines):
-the image's entrypoint and healthcheck, the compose file against the Compose specification,
+"""The deploy artefacts, checked offline (no cluster runs here; the image built and run is
+tests/test_image.py, the monitoring live tests/test_monitoring.py): the image's entrypoint and
+healthcheck, the compose file by the Compose tool and against the Compose specification,
 Prometheus's config and alert rules (promtool), Grafana's dashboard, the Kubernetes manifests
 against the Kubernetes schemas and each other, and, against a running server, that every metric
 the dashboard, the alerts and the autoscaler use is one /metrics exports."""
