@@ -11,7 +11,8 @@
 # No `# syntax=` line: BuildKit's built-in Dockerfile frontend has the mounts used here, and naming
 # a frontend image would make every build pull it from a registry.
 
-# Any Debian bookworm image with python3.11 and python3-venv: where no image registry is reachable,
+# Any Debian bookworm image with python3.11, its venv module and headers (Python.h: vLLM compiles
+# kernels at run time, below): where no image registry is reachable,
 # deploy/docker/base-image.sh makes one with debootstrap (docs/deploy.md).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}

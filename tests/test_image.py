@@ -69,14 +69,15 @@ def engine_up(cli: str) -> bool:
 
 
 @contextlib.contextmanager
-def docker_engine(folder: Path) -> Iterator[str]:
-    """The docker CLI, with an engine running: the one that runs already, or a dockerd started
-    here and stopped on exit. Skips the module with the reason when there can be none."""
+def docker_engine(folder: Path) -> Iterator[tuple[str, bool]]:
+    """The docker CLI, with an engine running, and whether it was started here: the one that runs
+    already, or a dockerd started here and stopped on exit. Skips the module with the reason when
+    there can be none."""
     cli = docker_cli()
     if cli is None:
         pytest.skip("no docker CLI that builds with BuildKit (`make docker-tools` installs Debian's docker.io)")
     if engine_up(cli):
-        yield cli
+        yield cli, False
         return
     dockerd = shutil.which("dockerd")
     if dockerd is None:
@@ -93,7 +94,7 @@ def docker_engine(folder: Path) -> Iterator[str]:
                 tail = log_path.read_text()[-2000:]
                 pytest.skip(f"dockerd could not be started here ({DOCKERD_FLAGS}):\n{tail}")
             time.sleep(1)
-        yield cli
+        yield cli, True
     finally:
         process.send_signal(signal.SIGTERM)  # dockerd stops its containerd and containers with it
         try:
@@ -160,9 +161,10 @@ def image_id(cli: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def build_image(cli: str, folder: Path) -> float:
+def build_image(cli: str, folder: Path, own_engine: bool) -> float:
     """`make docker` on a local base image (made if missing); the seconds it took. The image it
-    replaces is removed (on vfs each of its layers is a full copy: gigabytes)."""
+    replaces is removed, and on an engine of our own the build cache this build did not use (on vfs
+    each layer is a full copy: gigabytes each; the pip cache mount stays)."""
     env = {**os.environ, "DOCKER": cli}
     previous = image_id(cli)
     base = subprocess.run(["bash", str(ROOT / "deploy/docker/base-image.sh"), LOCAL_BASE], env=env,
@@ -178,6 +180,10 @@ def build_image(cli: str, folder: Path) -> float:
     assert built.returncode == 0, (folder / "build.log").read_text()[-4000:]
     if previous is not None and previous != image_id(cli):
         subprocess.run([cli, "rmi", previous], capture_output=True, timeout=600)  # fails harmlessly if in use
+    if own_engine:
+        unused = f"until={int(seconds) + 600}s"  # not used by this build
+        subprocess.run([cli, "builder", "prune", "-f", "--filter", "type=regular", "--filter", unused],
+                       capture_output=True, timeout=600)
     return seconds
 
 
@@ -270,14 +276,14 @@ class Container:
 @pytest.fixture(scope="module")
 def docker(tmp_path_factory):
     folder = tmp_path_factory.mktemp("docker")
-    with docker_engine(folder) as cli:
-        yield cli, folder
+    with docker_engine(folder) as (cli, own_engine):
+        yield cli, folder, own_engine
 
 
 @pytest.fixture(scope="module")
 def image(docker):
-    cli, folder = docker
-    seconds = build_image(cli, folder)
+    cli, folder, own_engine = docker
+    seconds = build_image(cli, folder, own_engine)
     size = int(subprocess.run([cli, "image", "inspect", "-f", "{{.Size}}", IMAGE], capture_output=True,
                               text=True, check=True).stdout)
     (folder / "image.json").write_text(json.dumps({"build_seconds": seconds, "size_bytes": size}))

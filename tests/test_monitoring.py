@@ -235,7 +235,7 @@ def test_every_dashboard_query_has_data_under_load(live):
 
 def test_dashboard_numbers_match_the_load(live):
     """Not only data: the counts are the load's (2 DualFocus + 1 streamed, 1 macro, 2 bad images, 1 429)."""
-    server, prometheus, _, end = live
+    _, prometheus, _, end = live
 
     def value(expr: str) -> float:
         [series] = prometheus.api("query", query=expr, time=end)["result"]

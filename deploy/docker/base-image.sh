@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A Debian bookworm image with python3.11, made on this machine: for machines that reach Debian's
+# A Debian bookworm image with python3.11 (and its headers), made on this machine: for machines that reach Debian's
 # packages but no image registry (the Dockerfile's default base, python:3.11-slim-bookworm, comes
 # from one). debootstrap, then `docker import`; about a minute.
 #   bash deploy/docker/base-image.sh [IMAGE]      # default dualfocus-local/python:3.11-bookworm
@@ -20,8 +20,9 @@ root=$(mktemp -d /tmp/dualfocus-base.XXXXXX)
 trap 'rm -rf "$root" "$root.log"' EXIT
 chmod 755 "$root"  # mktemp made it 0700, and it becomes the image's /
 echo "base-image.sh: debootstrap bookworm into $root" >&2
-# python3-venv: `python3 -m venv` (ensurepip), which deploy/install.sh uses.
-if ! debootstrap --variant=minbase --include=python3,python3-venv bookworm "$root" ${DEBIAN_MIRROR:-} \
+# python3-venv: `python3 -m venv` (ensurepip), which deploy/install.sh uses. python3-dev: Python.h,
+# which the official python images have too and torch's inductor includes in the kernels it compiles.
+if ! debootstrap --variant=minbase --include=python3,python3-venv,python3-dev bookworm "$root" ${DEBIAN_MIRROR:-} \
      >"$root.log" 2>&1; then
   tail -n 20 "$root.log" >&2
   exit 1
