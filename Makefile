@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= tiny-dualfocus
 
-.PHONY: help install test-tools models serve lint test test-fast eval bench soak fleet fleet-bench fleet-fault docker clean
+.PHONY: help install test-tools models serve lint test test-fast eval bench soak fleet fleet-bench fleet-fault docker docker-tools docker-test clean
 
 help:
 	@echo "make serve   set up, build the default tiny model if missing, and serve it on 127.0.0.1:8000"
@@ -17,6 +17,7 @@ help:
 	@echo "make fleet   REPLICAS=2 POLICY=sticky_least_loaded: replicas behind vllm-router on 127.0.0.1:8000 (docs/deploy.md)"
 	@echo "make fleet-bench  cached share and throughput by router policy (docs/benchmarks.md)"
 	@echo "make fleet-fault  a replica killed under load behind the router (docs/reliability.md)"
+	@echo "make docker-test  build the image and run it: answers, metrics, drains, no build secrets (docs/deploy.md)"
 	@echo "make docker  build the image dualfocus-serve:cpu (VARIANT=gpu: CUDA; needs a Docker engine; docs/deploy.md)"
 
 install:
@@ -25,11 +26,13 @@ install:
 models: install
 	$(PY) -m clients build-tiny
 
-# Tools the tests use beside the Python packages: promtool (Debian's prometheus package).
+# Tools the tests use beside the Python packages: promtool and a Prometheus server (Debian's
+# prometheus package), the Compose tool that checks deploy/compose.yaml (Debian's docker-compose).
 test-tools:
-	@command -v promtool >/dev/null || { \
-	  echo "installing Debian's prometheus package for promtool" >&2; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+	  echo "installing Debian's prometheus and docker-compose packages" >&2; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus docker-compose >/dev/null; }
 
 serve: install
 	$(PY) -m clients build-tiny $(MODEL)
@@ -78,10 +81,28 @@ fleet-fault: install
 	$(PY) -m loadtests.fleet_fault
 
 # The service as an image, installed by deploy/install.sh like `make` (docs/deploy.md). Needs a
-# Docker engine with BuildKit, which the machines this project is developed on do not run.
+# Docker engine with BuildKit. BASE_IMAGE: another base than python:3.11-slim-bookworm (where no
+# image registry is reachable: deploy/docker/base-image.sh); DOCKER_BUILD_FLAGS: more `docker build`
+# flags (--secret, --network host); DOCKER: the docker CLI.
+DOCKER ?= docker
 docker: VARIANT ?= cpu
 docker:
-	docker build --build-arg VARIANT=$(VARIANT) -t dualfocus-serve:$(VARIANT) .
+	DOCKER_BUILDKIT=1 $(DOCKER) build --build-arg VARIANT=$(VARIANT) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+	  $(DOCKER_BUILD_FLAGS) -t dualfocus-serve:$(VARIANT) .
+
+# Docker's engine (Debian's docker.io; dockerd runs without systemd) and debootstrap for a local base
+# image: what `make docker-test` needs beside the test tools (.ci/run installs them).
+docker-tools:
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null || { \
+	  echo "installing Debian's docker.io and debootstrap packages" >&2; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    docker.io debootstrap >/dev/null; }
+
+# The image built with `make docker` and run: answers, metrics, non-root, drains on SIGTERM, no build
+# secrets in any layer (tests/test_image.py, also part of `make test` when a Docker engine can be
+# started). Starts dockerd if none runs and stops it after.
+docker-test: install test-tools docker-tools
+	$(PY) -m pytest -q -ra tests/test_image.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

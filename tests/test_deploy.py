@@ -1,5 +1,6 @@
-"""The deploy artefacts, checked without a Docker engine or a cluster (none runs on these machines):
-the image's entrypoint and healthcheck, the compose file against the Compose specification,
+"""The deploy artefacts, checked offline (no cluster runs here; the image built and run is
+tests/test_image.py, the monitoring live tests/test_monitoring.py): the image's entrypoint and
+healthcheck, the compose file by the Compose tool and against the Compose specification,
 Prometheus's config and alert rules (promtool), Grafana's dashboard, the Kubernetes manifests
 against the Kubernetes schemas and each other, and, against a running server, that every metric
 the dashboard, the alerts and the autoscaler use is one /metrics exports."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import re
 import shlex
 import shutil
@@ -221,6 +223,40 @@ def test_compose_mounts_and_builds_what_the_repo_has():
     assert (mounts["/etc/grafana/provisioning"] / "datasources").is_dir()
     provider = load_yaml(DEPLOY / "grafana/provisioning/dashboards/dualfocus.yaml")["providers"][0]
     assert mounts[provider["options"]["path"]] == DEPLOY / "grafana/dashboards"
+
+
+def compose_tool() -> list[str]:
+    """The real Compose: Docker's plugin (`docker compose`, v2) where installed, else the standalone
+    docker-compose (Debian's, v1; `make test` installs it)."""
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    exe = shutil.which("docker-compose")
+    assert exe, "docker-compose is installed by `make test` (Debian's docker-compose package)"
+    return [exe]
+
+
+@pytest.mark.parametrize("profile", ["default", "gpu"])
+def test_compose_tool_accepts_the_file_and_resolves_it(profile, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DUALFOCUS_", "MODELS_DIR"))}
+    env["MODELS_DIR"] = str(tmp_path)  # a host folder of checkpoints
+    args = ["--profile", "gpu"] if profile == "gpu" else []
+    out = subprocess.run([*compose_tool(), "-p", "dualfocus", "-f", str(DEPLOY / "compose.yaml"), *args, "config"],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    services = resolved["services"]
+    assert {"dualfocus", "prometheus", "grafana"} <= set(services)
+    if profile == "gpu":
+        assert "dualfocus-gpu" in services
+    service = services["dualfocus-gpu" if profile == "gpu" else "dualfocus"]
+    assert Path(service["build"]["context"]) == ROOT  # relative to the file, not to where it runs
+    assert service["environment"]["DUALFOCUS_MODEL"] == "tiny-llava"
+    volumes = [v if isinstance(v, str) else f"{v['source']}:{v['target']}" for v in service["volumes"]]
+    assert any(v.startswith(f"{tmp_path}:/models") for v in volumes), volumes
+    prometheus_volumes = [v if isinstance(v, str) else f"{v['source']}:{v['target']}"
+                          for v in services["prometheus"]["volumes"]]
+    assert any(v.startswith(f"{DEPLOY / 'prometheus'}:/etc/prometheus") for v in prometheus_volumes), prometheus_volumes
 
 
 # --- Prometheus -----------------------------------------------------------------------------------
