@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import data_url, scene
 
-pytestmark = [pytest.mark.engine, pytest.mark.timeout(3600)]  # the build alone may take half an hour
+pytestmark = [pytest.mark.server, pytest.mark.timeout(3600)]  # the build alone may take half an hour
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "dualfocus-serve:cpu"

@@ -25,7 +25,7 @@ import yaml
 
 from .conftest import data_url, scene, start_server
 
-pytestmark = [pytest.mark.engine, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.server, pytest.mark.timeout(1200)]
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy/prometheus"
