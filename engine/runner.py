@@ -45,6 +45,8 @@ PRIORITY_NEW = 1
 # the tasks a request starts inherit it.
 _DATA_PARALLEL_RANK: ContextVar[int | None] = ContextVar("data_parallel_rank", default=None)
 
+_HASH_STRIP_ROWS = 64
+
 
 @dataclass(frozen=True)
 class ModelImage:
@@ -58,8 +60,20 @@ class ModelImage:
     uuid: str
 
     @classmethod
+    def derived(cls, image: Image.Image, source_id: str, how: str) -> ModelImage:
+        """`image` made from the file `source_id` identifies, in a way `how` names (family, crop):
+        the same file made the same way is the same image, without hashing its pixels."""
+        digest = hashlib.blake2b(f"{source_id}|{how}|{image.mode}{image.size}".encode(), digest_size=16)
+        return cls(image, digest.hexdigest())
+
+    @classmethod
     def of(cls, image: Image.Image) -> ModelImage:
-        digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+        # The pixels in strips of rows, the same bytes as image.tobytes() in one: no transient
+        # copy of the whole image (140 MB for a padded 35-megapixel photo), and faster.
+        digest = hashlib.blake2b(digest_size=16)
+        width, height = image.size
+        for top in range(0, height, _HASH_STRIP_ROWS):
+            digest.update(image.crop((0, top, width, min(height, top + _HASH_STRIP_ROWS))).tobytes())
         digest.update(f"{image.mode}{image.size}".encode())
         return cls(image, digest.hexdigest())
 
