@@ -79,7 +79,8 @@ async def to_conversation(
     for i, (message, message_urls) in enumerate(zip(messages, urls, strict=True)):
         text = _text(message, i)
         loaded = [await load_image(url, settings, workers) for url in message_urls]
-        turns.append(Turn(_ROLES[message.role], text, [i for i, _ in loaded], [d for _, d in loaded]))
+        digests: list[str | None] = [digest for _, digest in loaded]
+        turns.append(Turn(_ROLES[message.role], text, [image for image, _ in loaded], digests))
     question = turns.pop()
     if not question.text.strip():
         raise APIError(
