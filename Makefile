@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= tiny-dualfocus
 
-.PHONY: help install test-tools models serve lint test test-fast eval bench soak fleet fleet-bench fleet-fault docker docker-tools docker-test clean
+.PHONY: help install test-tools models serve lint test test-fast eval bench bench-bigimages soak fleet fleet-bench fleet-fault docker docker-tools docker-test clean
 
 help:
 	@echo "make serve   set up, build the default tiny model if missing, and serve it on 127.0.0.1:8000"
@@ -13,6 +13,7 @@ help:
 	@echo "make models  build the embedded tiny checkpoints (prints NAME PATH)"
 	@echo "make eval    the generated zoom-in task, macro vs DualFocus, on tiny-dualfocus (docs/paper.md; ~10 min)"
 	@echo "make bench   this service vs stock vLLM vs the reference's way (docs/benchmarks.md)"
+	@echo "make bench-bigimages  small streams' time to first token beside 35-megapixel JPEGs, vs stock vLLM"
 	@echo "make soak    2 minutes at 4x the sustainable rate: stays up, refuses politely (docs/reliability.md)"
 	@echo "make fleet   REPLICAS=2 POLICY=sticky_least_loaded: replicas behind vllm-router on 127.0.0.1:8000 (docs/deploy.md)"
 	@echo "make fleet-bench  cached share and throughput by router policy (docs/benchmarks.md)"
@@ -59,6 +60,10 @@ eval: install
 # The side-by-side benchmark (about 10 minutes): results in loadtests/results/, table in docs/benchmarks.md.
 bench: install
 	$(PY) -m loadtests.bench
+
+# Small streams beside big images (about 10 minutes): its own section of docs/benchmarks.md.
+bench-bigimages: install
+	$(PY) -m loadtests.bigimages
 
 # Overload for 2 minutes at 4x the sustainable rate (not in `make test`): docs/reliability.md.
 soak: install

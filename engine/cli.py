@@ -8,6 +8,7 @@ import asyncio
 import json
 
 from .config import DEFAULT_MODEL, EngineConfig
+from .image_work import BIG_PIXELS, default_threads
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -88,6 +89,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="images a request may carry over all its turns; more is a 400. DualFocus zooms into the most "
         "recent; vLLM is told one more per prompt, for the crop (default: %(default)s)",
     )
+    g.add_argument(
+        "--image-threads",
+        type=_positive_int,
+        default=d.image_threads,
+        help="threads decoding, padding, cropping and hashing images off the event loop, for images over "
+        f"{BIG_PIXELS // 1_000_000} megapixels and again for the rest; also how many such jobs run at once in "
+        f"each (default: {default_threads()} on this machine)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _kv_events_config(text: str):
@@ -114,6 +130,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         dtype=args.dtype,
         extra={"kv_events_config": args.kv_events_config} if args.kv_events_config else {},
         max_images_per_request=args.max_images_per_request,
+        image_threads=args.image_threads,
     )
 
 

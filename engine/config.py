@@ -36,6 +36,8 @@ class EngineConfig:
     box_max_tokens: int = 64
     # Images one request may carry, over all its turns; each DualFocus follow-up adds the crop.
     max_images_per_request: int = 4
+    # Threads per lane for image work (engine/image_work.py); None: one per two cores, at most 4.
+    image_threads: int | None = None
     # Any further vllm.AsyncEngineArgs field, passed through unchanged.
     extra: dict = field(default_factory=dict)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from .config import EngineConfig
 from .families import FamilyAdapter, make_adapter
+from .image_work import ImageWorkers
 from .program import run_dualfocus, run_single_pass
 from .protocol import EngineCounters, ModelInfo
 from .query import Query
@@ -29,6 +30,8 @@ class DualFocusEngine:
         self.adapter = adapter
         self.config = config
         self.runner = PassRunner(llm, adapter.box_regex, config.box_max_tokens, config.data_parallel_size)
+        # Decoding, padding, cropping and hashing images, off the event loop that drives every stream.
+        self.image_workers = ImageWorkers(config.image_threads)
         self.model_info = ModelInfo(
             model=llm.model_config.model, family=adapter.name, max_model_len=llm.model_config.max_model_len
         )
@@ -73,6 +76,7 @@ class DualFocusEngine:
         await self.runner.score(ids, [], ids[-2:], f"warmup-{uuid.uuid4().hex}")
 
     def shutdown(self) -> None:
+        self.image_workers.shutdown()
         self.runner.shutdown()
 
     async def answer(
@@ -93,5 +97,5 @@ class DualFocusEngine:
         started = started or asyncio.Event()
         self.runner.pin_replica()
         if query.runs_as == "dualfocus":
-            return await run_dualfocus(self.runner, self.adapter, query, request_id, started)
-        return await run_single_pass(self.runner, self.adapter, query, request_id, started, on_text)
+            return await run_dualfocus(self.runner, self.adapter, self.image_workers, query, request_id, started)
+        return await run_single_pass(self.runner, self.adapter, self.image_workers, query, request_id, started, on_text)

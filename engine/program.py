@@ -24,16 +24,24 @@ import asyncio
 import time
 from types import TracebackType
 
+from PIL import Image
+
 from .families import FamilyAdapter
 from .fusion import decide, parse_question, pick_by_score
 from .geometry import plan_crop, sorted_box
+from .image_work import ImageWorkers
 from .query import Query
 from .runner import PRIORITY_NEW, PRIORITY_STARTED, ModelImage, PassOutput, PassRunner
 from .trace import BoxTrace, CropTrace, OnText, Result, StageStats, Trace
 
 
 async def run_dualfocus(
-    runner: PassRunner, adapter: FamilyAdapter, query: Query, request_id: str, started: asyncio.Event
+    runner: PassRunner,
+    adapter: FamilyAdapter,
+    workers: ImageWorkers,
+    query: Query,
+    request_id: str,
+    started: asyncio.Event,
 ) -> Result:
     images = query.all_images
     assert images, "DualFocus needs an image (Query.runs_as)"
@@ -41,7 +49,10 @@ async def run_dualfocus(
     zoomed = len(images) - 1
     original = images[zoomed]
     width, height = original.size
-    shown = [ModelImage.of(adapter.model_image(image)) for image in images]
+    image_ids = query.all_image_ids
+    shown = await asyncio.gather(
+        *(model_image(workers, adapter, image, image_id=i) for image, i in zip(images, image_ids, strict=True))
+    )
     prefix = adapter.conversation_prefix(query.history, len(query.images))
 
     def answer_params():  # a fresh copy per pass: vLLM takes ownership of the params it is given
@@ -90,7 +101,7 @@ async def run_dualfocus(
 
         # 4. Micro pass, if there is a crop to look at.
         if plan is not None and plan.rect is not None:
-            crop = ModelImage.of(adapter.model_image(original.crop(plan.rect)))
+            crop = await model_image(workers, adapter, original, plan.rect, image_ids[zoomed])
             crop_trace = CropTrace(plan.rect)
             micro = await runner.generate(
                 adapter.micro_prompt(box_prompt, box.token_ids, query.question),
@@ -145,13 +156,19 @@ async def run_dualfocus(
 async def run_single_pass(
     runner: PassRunner,
     adapter: FamilyAdapter,
+    workers: ImageWorkers,
     query: Query,
     request_id: str,
     started: asyncio.Event,
     on_text: OnText | None = None,
 ) -> Result:
     """Macro mode, or a conversation without images: one plain pass."""
-    images = [ModelImage.of(adapter.model_image(image)) for image in query.all_images]
+    images = await asyncio.gather(
+        *(
+            model_image(workers, adapter, image, image_id=i)
+            for image, i in zip(query.all_images, query.all_image_ids, strict=True)
+        )
+    )
     out = await runner.generate(
         adapter.macro_prompt(adapter.conversation_prefix(query.history, len(query.images)), query.question),
         images,
@@ -164,6 +181,27 @@ async def run_single_pass(
     why = "macro mode: one pass" if images else "no image: one plain pass"
     trace = Trace(mode="macro", chosen="macro", why=why, macro_answer=out.text, stages={"macro": out.stats()})
     return _result(adapter, out, trace)
+
+
+async def model_image(
+    workers: ImageWorkers,
+    adapter: FamilyAdapter,
+    image: Image.Image,
+    rect: tuple[int, int, int, int] | None = None,
+    image_id: str | None = None,
+) -> ModelImage:
+    """`image` (or its `rect` crop) as the model sees it, with its content id: derived from
+    `image_id` (the file's digest) if there is one, else hashed from the pixels. On the image
+    workers: for a big photo, padding and hashing take a second of CPU."""
+
+    def prepare() -> ModelImage:
+        shown = adapter.model_image(image.crop(rect) if rect is not None else image)
+        if image_id is None:
+            return ModelImage.of(shown)
+        return ModelImage.derived(shown, image_id, f"{adapter.name} crop={rect}")
+
+    width, height = (rect[2] - rect[0], rect[3] - rect[1]) if rect is not None else image.size
+    return await workers.run(prepare, pixels=width * height)
 
 
 def _result(adapter: FamilyAdapter, chosen: PassOutput, trace: Trace) -> Result:

@@ -11,6 +11,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from .image_work import ImageWorkers
 from .query import Query
 from .trace import OnText, Result
 
@@ -38,6 +39,12 @@ class EngineClient(Protocol):
     @property
     def dead(self) -> bool:
         """Shut down, or failed beyond repair: nothing more will be served."""
+        ...
+
+    @property
+    def image_workers(self) -> ImageWorkers:
+        """The threads CPU-heavy image work runs on (decoding, padding, cropping, hashing), off the
+        event loop; the server decodes request images on them too."""
         ...
 
     def counters(self) -> EngineCounters: ...

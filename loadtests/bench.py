@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,10 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-llava"
 # Where docs/benchmarks.md's section written by loadtests/fleet_bench.py begins.
 FLEET_MARKER = "<!-- Many replicas: written by python -m loadtests.fleet_bench; make bench keeps it -->"
+ALL_SYSTEMS = ("ours-dualfocus", "ours-macro", "stock-dualfocus", "stock-chat", "reference-hf")
 
 
-def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
-    process = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+def start(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    process = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + 300
     while time.time() < deadline:
         if process.poll() is not None:
@@ -88,7 +91,18 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=8700)
     p.add_argument("--report-only", type=Path, metavar="RESULTS.json",
                    help="only rewrite docs/benchmarks.md and its plot from an earlier run's results")
+    p.add_argument("--systems", default=",".join(ALL_SYSTEMS),
+                   help="which to run, comma-separated (default: all; docs/benchmarks.md is rewritten only then): "
+                        + ", ".join(ALL_SYSTEMS) + ", and with --baseline baseline-dualfocus, baseline-macro")
+    p.add_argument("--baseline", metavar="COMMIT",
+                   help="this service as it was at COMMIT of this repository, measured in the same run (A/B)")
     args = p.parse_args(argv)
+    run_systems = set(args.systems.split(","))
+    if args.baseline and not run_systems & {"baseline-dualfocus", "baseline-macro"}:
+        run_systems |= {"baseline-dualfocus", "baseline-macro"}
+    unknown = run_systems - set(ALL_SYSTEMS) - {"baseline-dualfocus", "baseline-macro"}
+    if unknown or (not args.baseline and run_systems & {"baseline-dualfocus", "baseline-macro"}):
+        p.error(f"--systems: unknown {sorted(unknown)} (baseline-* need --baseline)")
     if args.report_only:
         write_report(json.loads(args.report_only.read_text()), args.report_only.resolve())
         return 0
@@ -101,55 +115,112 @@ def main(argv=None) -> int:
     path = ensure_tiny(MODEL)
     logs = ROOT / "loadtests" / "results" / "tmp"
     logs.mkdir(parents=True, exist_ok=True)
-    results = {"command": "make bench (python -m loadtests.bench " + " ".join(argv or sys.argv[1:]) + ")",
+    command = " ".join(["python -m loadtests.bench", *(argv if argv is not None else sys.argv[1:])])
+    results = {"command": f"make bench ({command})" if set(ALL_SYSTEMS) <= run_systems else command,
                "git": git_revision(), "machine": machine(), "model": MODEL, "max_tokens": args.max_tokens,
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "systems": {}}
 
-    print("this service", flush=True)
-    server = start([sys.executable, "-m", "clients", "serve", "--port", str(args.port), "--model", MODEL,
-                    "--max-inflight-requests", "256"], args.port, logs / "ours.log")
-    try:
-        results["systems"]["ours-dualfocus"] = measure(args.port, "ours", "dualfocus", levels, dualfocus_items, warmup,
-                                                         args.max_tokens)
-        results["systems"]["ours-macro"] = measure(args.port, "ours", "macro", levels, single_items, warmup, args.max_tokens)
-        print("this service: conversations (loadtests/conversation.py)", flush=True)
-        conversation.run(args.port, conversations=8, concurrency=4, max_tokens=args.max_tokens,
-                         command=results["command"])
-    finally:
-        stop(server)
+    items = {"dualfocus": dualfocus_items, "macro": single_items}
+    servers = [("ours", None)] + ([("baseline", args.baseline)] if args.baseline else [])
+    for name, commit in servers:
+        modes = [m for m in ("dualfocus", "macro") if f"{name}-{m}" in run_systems]
+        if not modes:
+            continue
+        print(f"this service ({name})", flush=True)
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            src = export(commit, Path(tmp) / "src") if commit else None  # the repository's files at that commit
+            env = {**os.environ, "PYTHONPATH": str(src)} if src else None
+            if commit:
+                results["baseline"] = {"git": git_short(commit)}
+            server = start([*serve_command(src), "--port", str(args.port), "--model", MODEL,
+                            "--max-inflight-requests", "256"], args.port, logs / f"{name}.log", env)
+            try:
+                for mode in modes:
+                    results["systems"][f"{name}-{mode}"] = measure(args.port, "ours", mode, levels, items[mode],
+                                                                   warmup, args.max_tokens)
+                if name == "ours" and modes == ["dualfocus", "macro"]:
+                    print("this service: conversations (loadtests/conversation.py)", flush=True)
+                    conversation.run(args.port, conversations=8, concurrency=4, max_tokens=args.max_tokens,
+                                     command=results["command"])
+            finally:
+                stop(server)
 
-    print("stock vLLM OpenAI server", flush=True)
-    stock = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--port", str(args.port),
-                   "--model", str(path), "--served-model-name", MODEL, "--enforce-eager", "--max-model-len", "4096",
-                   "--kv-cache-memory-bytes", str(4 << 30), "--limit-mm-per-prompt", '{"image": 2}',
-                   "--enable-prefix-caching", "--enable-prompt-tokens-details"], args.port, logs / "stock.log")
-    try:
-        results["systems"]["stock-dualfocus"] = measure(args.port, "stock-dualfocus", "dualfocus", levels,
-                                                        dualfocus_items, warmup, args.max_tokens)
-        results["systems"]["stock-chat"] = measure(args.port, "stock-chat", "macro", levels, single_items, warmup,
-                                                   args.max_tokens)
-    finally:
-        stop(stock)
+    stock_systems = [n for n in ("stock-dualfocus", "stock-chat") if n in run_systems]
+    if stock_systems:
+        print("stock vLLM OpenAI server", flush=True)
+        stock = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--port", str(args.port),
+                       "--model", str(path), "--served-model-name", MODEL, "--enforce-eager", "--max-model-len", "4096",
+                       "--kv-cache-memory-bytes", str(4 << 30), "--limit-mm-per-prompt", '{"image": 2}',
+                       "--enable-prefix-caching", "--enable-prompt-tokens-details"], args.port, logs / "stock.log")
+        try:
+            for name in stock_systems:
+                mode = "dualfocus" if name == "stock-dualfocus" else "macro"
+                results["systems"][name] = measure(args.port, name, mode, levels, items[mode], warmup, args.max_tokens)
+        finally:
+            stop(stock)
 
-    print("reference: sequential transformers calls", flush=True)
-    out = subprocess.run([sys.executable, "-m", "loadtests.reference_hf", "--questions",
-                          str(args.reference_questions), "--max-tokens", str(args.max_tokens)],
-                         capture_output=True, text=True, check=True)
-    results["systems"]["reference-hf"] = json.loads(out.stdout)["summary"]
+    if "reference-hf" in run_systems:
+        print("reference: sequential transformers calls", flush=True)
+        out = subprocess.run([sys.executable, "-m", "loadtests.reference_hf", "--questions",
+                              str(args.reference_questions), "--max-tokens", str(args.max_tokens)],
+                             capture_output=True, text=True, check=True)
+        results["systems"]["reference-hf"] = json.loads(out.stdout)["summary"]
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_path = ROOT / "loadtests" / "results" / f"bench-{stamp}.json"
+    complete = set(ALL_SYSTEMS) <= run_systems
+    out_path = ROOT / "loadtests" / "results" / f"bench-{'' if complete else 'partial-'}{stamp}.json"
     out_path.write_text(json.dumps(results, indent=2))
-    write_report(results, out_path)
+    print(f"wrote {out_path}", flush=True)
+    print_ratios(results)
+    if complete:  # the report needs every system; a partial run leaves docs/benchmarks.md alone
+        write_report(results, out_path)
     return 0
 
 
+def print_ratios(results: dict) -> None:
+    """Throughput of this service's macro mode (and the baseline's) over stock vLLM chat, per level."""
+    s = results["systems"]
+    if "stock-chat" not in s:
+        return
+    for name in ("ours-macro", "baseline-macro"):
+        if name in s:
+            ratios = ", ".join(f"c={c}: {s[name][c]['requests_per_s'] / s['stock-chat'][c]['requests_per_s']:.2f}"
+                               for c in s[name])
+            print(f"{name} / stock-chat throughput: {ratios}", flush=True)
+
+
+def export(commit: str, folder: Path) -> Path:
+    """The repository's files at `commit`, in `folder` (to serve a baseline from)."""
+    folder.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def serve_command(src: Path | None) -> list[str]:
+    """The command serving this checkout (src None) or an exported commit's files: `python -m clients
+    serve`, or `python -m engine.cli serve` for commits from before the `dualfocus` command."""
+    module = "clients" if src is None or (src / "clients" / "__main__.py").exists() else "engine.cli"
+    return [sys.executable, "-m", module, "serve"]
+
+
+def git_short(commit: str) -> str:
+    return subprocess.check_output(["git", "rev-parse", "--short", commit], cwd=ROOT, text=True).strip()
+
+
 def write_report(results: dict, results_path: Path) -> None:
-    plot(results, ROOT / "docs" / "benchmarks.png")
+    from .bigimages import kept_section  # (bigimages imports this module's start and stop)
+
     doc = ROOT / "docs" / "benchmarks.md"
-    # The fleet section (python -m loadtests.fleet_bench) comes from another run: kept as it is.
-    kept = doc.read_text().partition(FLEET_MARKER)[1:] if doc.exists() else ("", "")
-    doc.write_text(report(results, results_path.relative_to(ROOT)) + ("\n" + "".join(kept) if kept[0] else ""))
+    plot(results, ROOT / "docs" / "benchmarks.png")
+    # Sections written by other runs are kept as they are: the big images (python -m loadtests.bigimages),
+    # then the fleet (python -m loadtests.fleet_bench), which runs to the end of the file.
+    big = kept_section(doc)
+    fleet = "".join(doc.read_text().partition(FLEET_MARKER)[1:]) if doc.exists() else ""
+    if big and big.strip() in fleet:  # (the big-images section was written after the fleet's)
+        big = ""
+    kept = "".join("\n" + section for section in (big, fleet) if section)
+    doc.write_text(report(results, results_path.relative_to(ROOT)) + kept)
     print(f"wrote docs/benchmarks.md and docs/benchmarks.png from {results_path}", flush=True)
 
 

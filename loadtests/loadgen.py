@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=float, help="stop sending after this many seconds")
     p.add_argument("--max-tokens", type=int, default=16, help="default: %(default)s")
     p.add_argument("--scenes", type=int, default=64, help="distinct synthetic scenes (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="which synthetic scenes (default: %(default)s)")
     p.add_argument("--images", type=Path, help="folder of images (with --questions)")
     p.add_argument("--questions", type=Path, help="JSONL: {\"image\": NAME, \"text\": QUESTION} per line")
     p.add_argument("--out", type=Path, help="write the JSON result here (default: print it)")
@@ -162,7 +163,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if bool(args.images) != bool(args.questions):
         p.error("--images and --questions go together")
-    items = scenes.from_folder(args.images, args.questions) if args.images else scenes.synthetic(args.scenes)
+    if args.images:
+        items = scenes.from_folder(args.images, args.questions)
+    else:
+        items = scenes.synthetic(args.scenes, seed=args.seed)
 
     async def go():
         client = openai.AsyncOpenAI(base_url=args.url.rstrip("/") + "/v1", api_key=args.api_key, max_retries=0,

@@ -14,16 +14,19 @@ from .errors import APIError
 from .metrics import ServerMetrics
 from .settings import ServerSettings
 
+# Dependencies are `async def` though none awaits: FastAPI runs a plain `def` dependency on a
+# worker thread, a thread hop per dependency per request (docs/performance.md).
 
-def settings(request: Request) -> ServerSettings:
+
+async def settings(request: Request) -> ServerSettings:
     return request.app.state.settings
 
 
-def metrics(request: Request) -> ServerMetrics:
+async def metrics(request: Request) -> ServerMetrics:
     return request.app.state.metrics
 
 
-def require_api_key(
+async def require_api_key(
     request: Request, settings: ServerSettings = Depends(settings), metrics: ServerMetrics = Depends(metrics)
 ) -> None:
     if settings.api_key is None:
@@ -47,7 +50,7 @@ def engine_unavailable(state: State) -> APIError | None:
     return None
 
 
-def ready_engine(request: Request, metrics: ServerMetrics = Depends(metrics)) -> EngineClient:
+async def ready_engine(request: Request, metrics: ServerMetrics = Depends(metrics)) -> EngineClient:
     error = engine_unavailable(request.app.state)
     if error is not None:
         metrics.rejected.labels(error.code).inc()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import hashlib
 import io
 import ipaddress
 import re
@@ -20,6 +21,8 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import pybase64
 from PIL import Image, UnidentifiedImageError
+
+from engine.image_work import ImageWorkers, as_rgb
 
 from .errors import APIError
 from .settings import ServerSettings
@@ -63,8 +66,10 @@ def _refuse(reason: ImageRefusal, status: int, message: str) -> ImageRefused:
     return ImageRefused(reason, status, message)
 
 
-async def load_image(url: str, settings: ServerSettings) -> Image.Image:
-    """A decoded RGB image from an image_url, or a clear 4xx."""
+async def load_image(url: str, settings: ServerSettings, workers: ImageWorkers) -> tuple[Image.Image, str]:
+    """A decoded RGB image from an image_url and a digest of its file, or a clear 4xx. Only the
+    header is read here; the pixels are decoded (and the file hashed) on the image workers, not
+    on the event loop that drives every stream."""
     if data_url := _DATA_URL.match(url):
         data = _from_data_url(url[data_url.end() :], settings.max_image_bytes)
     elif url.startswith(("http://", "https://")):
@@ -74,7 +79,12 @@ async def load_image(url: str, settings: ServerSettings) -> Image.Image:
     else:
         scheme = url.split(":", 1)[0] if ":" in url else "(none)"
         raise _refuse("url", 400, f"image_url scheme {scheme!r} is not supported; send a base64 data: URL")
-    return decode_image(data, settings.max_image_pixels)
+    image = open_image(data, settings.max_image_pixels)  # the header only: cheap
+    return await workers.run(_load_and_digest, image, data, pixels=image.width * image.height)
+
+
+def _load_and_digest(image: Image.Image, data: bytes) -> tuple[Image.Image, str]:
+    return load_pixels(image), hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _from_data_url(payload: str, max_bytes: int) -> bytes:
@@ -181,10 +191,15 @@ def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The image in `data`, checked and decoded, in RGB (on the calling thread)."""
+    return load_pixels(open_image(data, max_pixels))
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The image's header, checked: format, size. No pixel is decoded yet."""
     if not data:
         raise _refuse("empty", 400, "image is empty")
     try:
-        # open() reads only the header: the size is checked before any pixel is decoded.
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         raise _refuse("too_many_pixels", 413, "image has more pixels than PIL will decode") from None
@@ -197,8 +212,13 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise _refuse("too_many_pixels", 413, f"image is {width}x{height}, more than {max_pixels} pixels")
     if width == 0 or height == 0:
         raise _refuse("empty", 400, "image has no pixels")
+    return image
+
+
+def load_pixels(image: Image.Image) -> Image.Image:
+    """Decode an opened image's pixels, in RGB."""
     try:
         image.load()
     except (OSError, Image.DecompressionBombError, ValueError):
         raise _refuse("truncated", 400, "image data is truncated or corrupt") from None
-    return image.convert("RGB")
+    return as_rgb(image)

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from engine import EngineCounters, ModelInfo, Query, Result
+from engine.image_work import ImageWorkers
 from engine.runner import PassOutput
 from engine.trace import BoxTrace, CropTrace, OnText, StageStats, Trace
 
@@ -44,6 +45,7 @@ class FakeEngine:
     cancelled: list[str] = field(default_factory=list)  # request ids whose answer() was cancelled
     warmed_up: bool = False
     shut_down: bool = False
+    image_workers: ImageWorkers = field(default_factory=lambda: ImageWorkers(1))
 
     def counters(self) -> EngineCounters:
         return EngineCounters(retries=self.retries, scoring_recomputes=self.scoring_recomputes)
@@ -74,6 +76,7 @@ class FakeEngine:
         self.warmed_up = True
 
     def shutdown(self) -> None:
+        self.image_workers.shutdown()
         self.shut_down = True
 
 

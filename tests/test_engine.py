@@ -142,6 +142,34 @@ async def test_macro_mode_and_text_only_are_one_plain_pass(engine):
         assert result.answer == t.macro_answer and t.stages["macro"].completion_tokens == 8
 
 
+async def test_a_pass_read_only_for_its_start_gets_two_outputs_and_the_same_answer_as_streamed(engine, monkeypatch):
+    """A non-streamed single pass waits for its first token (the request has started) and its
+    end: vLLM delivers just those two; the answer is the one a streamed pass puts together."""
+    delivered: dict[str, int] = {}
+    real = engine.llm.generate
+
+    async def counting(prompt, params, request_id, **kwargs):
+        async for out in real(prompt, params, request_id, **kwargs):
+            delivered[request_id] = delivered.get(request_id, 0) + 1
+            yield out
+
+    monkeypatch.setattr(engine.llm, "generate", counting)
+    query = Query(QUESTIONS[2], [scene(seed=9)], mode="macro", sampling=Sampling(max_tokens=12, logprobs=2))
+    started = asyncio.Event()
+    quiet = await engine.answer(query, "quiet", started=started)
+    pieces: list[str] = []
+    streamed = await engine.answer(query, "streamed", on_text=lambda text, logprobs: pieces.append(text))
+    # (One, if the loop was too busy to take the first before the last arrived: vLLM merges them.)
+    assert started.is_set() and delivered["quiet-macro"] in (1, 2) and delivered["streamed-macro"] >= 2
+    assert quiet.trace.stages["macro"].completion_tokens == 12 and len(pieces) >= 2
+    assert quiet.answer == streamed.answer == pieces[-1] and quiet.answer
+    assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))  # text so far, growing
+    # The answer's logprobs, put together from the pieces, one per token either way.
+    assert quiet.logprobs is not None and streamed.logprobs is not None
+    assert [lp.token for lp in quiet.logprobs] == [lp.token for lp in streamed.logprobs]
+    assert len(quiet.logprobs) >= 1 and all(len(lp.top) == 2 for lp in quiet.logprobs)
+
+
 async def test_request_sampling_applies_to_answers_and_the_box_stays_greedy(engine):
     image = scene(seed=5)
     hot = Sampling(max_tokens=12, temperature=1.0, seed=7)

@@ -8,12 +8,14 @@ from PIL import Image
 
 from engine.errors import GenerationFailedError
 from engine.families.llava import LlavaAdapter
+from engine.image_work import ImageWorkers
 from engine.program import run_dualfocus, run_single_pass
 from engine.query import Query, Sampling
 
 from .fakes import CharTokenizer, FakeRunner
 
 IMAGE = Image.new("RGB", (640, 480), (128, 128, 128))
+WORKERS: ImageWorkers
 BOX = "[0.10, 0.20, 0.30, 0.40]"  # 64,96 - 192,192 in pixels: a usable crop
 
 
@@ -22,8 +24,17 @@ def adapter():
     return LlavaAdapter(CharTokenizer(), {})
 
 
+@pytest.fixture(autouse=True)
+def workers():
+    """The image workers the program pads and hashes on (one per test: their slots belong to its loop)."""
+    global WORKERS
+    WORKERS = ImageWorkers(1)
+    yield WORKERS
+    WORKERS.shutdown()
+
+
 async def run(runner, adapter, question="What colour is the square?", **query):
-    return await run_dualfocus(runner, adapter, Query(question, [IMAGE], **query), "r1", asyncio.Event())
+    return await run_dualfocus(runner, adapter, WORKERS, Query(question, [IMAGE], **query), "r1", asyncio.Event())
 
 
 @pytest.mark.parametrize("box, outcome", [("no box here", "unparsed"), ("[1.20, 1.30, 1.50, 1.60]", "outside")])
@@ -115,7 +126,7 @@ async def test_cancelling_the_request_cancels_every_running_pass(adapter):
 
 async def test_a_single_pass_streams_its_text_and_has_no_image_without_one(adapter):
     runner = FakeRunner({"macro": "hello"})
-    result = await run_single_pass(runner, adapter, Query("Say hello.", []), "r2", asyncio.Event())
+    result = await run_single_pass(runner, adapter, WORKERS, Query("Say hello.", []), "r2", asyncio.Event())
     (only,) = runner.passes
     assert only.image_sizes == [] and only.prompt_ids == adapter.macro_prompt(adapter.conversation_prefix([], 0), "Say hello.")
     assert result.answer == "hello" and result.trace.mode == "macro" and result.trace.why == "no image: one plain pass"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from ..image_work import as_rgb
 from ..query import Turn
 
 # The reference's stage prompts (docs/method.md).
@@ -68,7 +69,7 @@ class FamilyAdapter(ABC):
     # --- images ---------------------------------------------------------------------------
     def model_image(self, image: Image.Image) -> Image.Image:
         """The image as this family feeds it to the model (RGB; LLaVA pads it square)."""
-        return image.convert("RGB")
+        return as_rgb(image)
 
     # --- the family's chat template --------------------------------------------------------
     # A prompt is rendered as pieces: text, or literal token ids (an image's placeholder,

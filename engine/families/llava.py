@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
+from ..image_work import as_rgb
 from ..query import Turn
 from .base import FamilyAdapter, ParsedBox, Piece
 
@@ -52,7 +53,7 @@ class LlavaAdapter(FamilyAdapter):
     def model_image(self, image: Image.Image) -> Image.Image:
         # LLaVA-1.5's "pad" aspect mode: centre the image on a square filled with the
         # processor's mean colour, so nothing is cropped away by the CLIP processor.
-        image = image.convert("RGB")
+        image = as_rgb(image)
         w, h = image.size
         if w == h:
             return image

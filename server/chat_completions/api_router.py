@@ -47,7 +47,7 @@ async def create_chat_completion(
     arrived = time.perf_counter()
     try:
         # Decoding may fetch an image: that too stops if the client goes away.
-        query = await _cancel_on_disconnect(request, to_query(body, settings, engine.model_info.max_model_len))
+        query = await _cancel_on_disconnect(request, to_query(body, settings, engine))
     except ImageRefused as e:
         metrics.image_errors.labels(e.reason).inc()
         raise

@@ -8,6 +8,7 @@ names the message and the field.
 from __future__ import annotations
 
 from engine import Turn
+from engine.image_work import ImageWorkers
 from engine.query import Role
 
 from ..errors import APIError
@@ -51,10 +52,10 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
 
 
 async def to_conversation(
-    messages: list[Message], settings: ServerSettings, max_images: int
-) -> tuple[list[Turn], str, list]:
-    """(earlier turns, the question's text, the question's images): the last message is the
-    question, and must be a user message with text."""
+    messages: list[Message], settings: ServerSettings, max_images: int, workers: ImageWorkers
+) -> tuple[list[Turn], Turn]:
+    """(earlier turns, the question): the last message is the question, and must be a user
+    message with text. Images are decoded on `workers`; each turn carries its files' digests."""
     if not messages:
         raise APIError(400, "messages is empty: send at least one user message", param="messages")
     urls = [_image_urls(m, i) for i, m in enumerate(messages)]  # each message's shape checked first
@@ -77,8 +78,9 @@ async def to_conversation(
     turns = []
     for i, (message, message_urls) in enumerate(zip(messages, urls, strict=True)):
         text = _text(message, i)
-        images = [await load_image(url, settings) for url in message_urls]
-        turns.append(Turn(_ROLES[message.role], text, images))
+        loaded = [await load_image(url, settings, workers) for url in message_urls]
+        digests: list[str | None] = [digest for _, digest in loaded]
+        turns.append(Turn(_ROLES[message.role], text, [image for image, _ in loaded], digests))
     question = turns.pop()
     if not question.text.strip():
         raise APIError(
@@ -86,7 +88,8 @@ async def to_conversation(
             "the last user message has no text: ask a question about the image",
             param=f"messages.{len(messages) - 1}.content",
         )
-    return turns, question.text.strip(), question.images
+    question.text = question.text.strip()
+    return turns, question
 
 
 def _image_urls(message: Message, index: int) -> list[str]:

@@ -36,8 +36,10 @@ from .protocol import (
 log = logging.getLogger("dualfocus.requests")
 
 
-async def to_query(req: ChatCompletionRequest, settings: ServerSettings, max_model_len: int) -> Query:
-    """Decode: the conversation (chat_completions/messages.py) and the sampling -> Query."""
+async def to_query(req: ChatCompletionRequest, settings: ServerSettings, engine: EngineClient) -> Query:
+    """Decode: the conversation (chat_completions/messages.py) and the sampling -> Query. Images
+    are decoded on the engine's image workers."""
+    max_model_len = engine.model_info.max_model_len
     if req.model != settings.model_name:
         raise APIError(
             404,
@@ -46,7 +48,9 @@ async def to_query(req: ChatCompletionRequest, settings: ServerSettings, max_mod
             code="model_not_found",
         )
     refuse_unsupported(req)
-    history, question, images = await to_conversation(req.messages, settings, settings.engine.max_images_per_request)
+    history, question = await to_conversation(
+        req.messages, settings, settings.engine.max_images_per_request, engine.image_workers
+    )
     max_tokens = req.max_completion_tokens or req.max_tokens or min(512, max_model_len)
     if max_tokens >= max_model_len:
         raise APIError(
@@ -70,7 +74,14 @@ async def to_query(req: ChatCompletionRequest, settings: ServerSettings, max_mod
         json_schema=fmt.json_schema.schema_ if fmt and fmt.type == "json_schema" and fmt.json_schema else None,
         json_object=bool(fmt and fmt.type == "json_object"),
     )
-    return Query(question, images, mode=req.dualfocus.mode, sampling=sampling, history=history)
+    return Query(
+        question.text,
+        question.images,
+        mode=req.dualfocus.mode,
+        sampling=sampling,
+        history=history,
+        image_ids=question.image_ids,
+    )
 
 
 def _logprobs(entries: list[TokenLogprob] | None) -> dict | None:
