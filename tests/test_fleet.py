@@ -106,7 +106,7 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
 def test_a_killed_replica_is_routed_around_and_taken_back(fleet):
     """SIGKILL one replica under load: requests in flight on it end with an error answer (no hang),
     the router takes it out within seconds and the other replica answers everything; started again,
-    it gets new sessions."""
+    the router takes it back and requests keep succeeding."""
     victim = fleet.members[1]
     images = [data_url(scene(seed=200 + i)) for i in range(8)]
 
