@@ -52,7 +52,7 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
 
 
 async def to_conversation(
-    messages: list[Message], settings: ServerSettings, max_images: int, workers: ImageWorkers
+    messages: list[Message], settings: ServerSettings, workers: ImageWorkers
 ) -> tuple[list[Turn], Turn]:
     """(earlier turns, the question): the last message is the question, and must be a user
     message with text. Images are decoded on `workers`; each turn carries its files' digests."""
@@ -68,6 +68,7 @@ async def to_conversation(
             param=f"messages.{len(messages) - 1}.role",
         )
     count = sum(len(u) for u in urls)
+    max_images = settings.engine.max_images_per_request
     if count > max_images:
         raise APIError(
             400,

@@ -48,9 +48,7 @@ async def to_query(req: ChatCompletionRequest, settings: ServerSettings, engine:
             code="model_not_found",
         )
     refuse_unsupported(req)
-    history, question = await to_conversation(
-        req.messages, settings, settings.engine.max_images_per_request, engine.image_workers
-    )
+    history, question = await to_conversation(req.messages, settings, engine.image_workers)
     max_tokens = req.max_completion_tokens or req.max_tokens or min(512, max_model_len)
     if max_tokens >= max_model_len:
         raise APIError(
