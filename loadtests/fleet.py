@@ -31,8 +31,12 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 # The one place the replica command is named (the CLI's module may move; keep it here only).
 SERVE = [sys.executable, "-m", "clients", "serve"]
-# The router's console script, installed beside this Python by the pinned `vllm-router` package.
-ROUTER = [str(Path(sys.executable).with_name("vllm-router"))]
+# The router, from the pinned `vllm-router` package beside this Python (its module rather than its
+# console script, whose first line names the interpreter it was installed with).
+ROUTER = [sys.executable, "-m", "vllm_router.launch_router"]
+# The router's OnRequest middleware that gives an image request a session key made from its image
+# (deploy/router/image_affinity.wat; loadtests/router_middleware.py builds it).
+IMAGE_AFFINITY = ROOT / "deploy" / "router" / "image_affinity.wasm"
 POLICIES = ("cache_aware", "round_robin", "power_of_two", "consistent_hash", "sticky_least_loaded", "random", "kv_aware")
 # How the router watches the replicas: a dead one is out after HEALTH_FAILURES failed checks
 # HEALTH_INTERVAL_S apart, and back in after two good ones (the router's default success threshold).
@@ -130,6 +134,7 @@ class Fleet:
     serve_flags: list[str] = field(default_factory=list)
     router_flags: list[str] = field(default_factory=list)
     kv_events: bool | None = None  # replicas publish KV-cache events (None: when the policy is kv_aware)
+    image_affinity: bool = True  # the router keys image requests by their image (IMAGE_AFFINITY)
     logs: Path = ROOT / "loadtests" / "results" / "tmp" / "fleet"
     members: list[Replica] = field(default_factory=list)
     router: subprocess.Popen | None = None
@@ -193,6 +198,8 @@ class Fleet:
                "--health-check-endpoint", "/health", "--health-check-interval-secs", str(HEALTH_INTERVAL_S),
                "--health-failure-threshold", str(HEALTH_FAILURES), "--health-check-timeout-secs", "2",
                *self.router_flags]
+        if self.image_affinity:
+            cmd += ["--wasm-middleware", str(IMAGE_AFFINITY)]
         if self.policy == "kv_aware":
             if not all(r.kv_events_port for r in self.members):
                 raise ValueError("kv_aware needs replicas started with KV events: start the fleet with it")
@@ -206,11 +213,14 @@ class Fleet:
         self.router = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         wait_http(f"http://127.0.0.1:{self.port}/v1/models", self.router, log, timeout_s=60)
 
-    def restart_router(self, policy: str, router_flags: list[str] | None = None) -> None:
+    def restart_router(self, policy: str, router_flags: list[str] | None = None,
+                       image_affinity: bool | None = None) -> None:
         """The same replicas behind a router with another policy (its prefix records start empty)."""
         stop_process(self.router, timeout_s=15)
         self.policy = policy
         self.router_flags = list(router_flags or [])
+        if image_affinity is not None:
+            self.image_affinity = image_affinity
         self._start_router()
 
     def router_metrics(self) -> dict[tuple[str, tuple], float]:
@@ -262,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the router's Prometheus /metrics port (default: %(default)s)")
     p.add_argument("--router-flag", action="append", default=[], metavar="FLAG",
                    help="one more vllm-router argument, e.g. --router-flag=--cache-threshold=0.5 (repeatable)")
+    p.add_argument("--no-image-affinity", action="store_true",
+                   help="do not give image requests a session key made from their image (the router's "
+                        "middleware deploy/router/image_affinity.wasm; docs/deploy.md, 'Many replicas')")
     p.add_argument("--logs", type=Path, default=ROOT / "loadtests" / "results" / "tmp" / "fleet",
                    help="replica and router logs (default: %(default)s)")
     args = p.parse_args(own)
@@ -275,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     fleet = Fleet(args.replicas, args.policy, args.model, args.port, args.metrics_port, serve_flags,
-                  args.router_flag, args.logs)
+                  args.router_flag, image_affinity=not args.no_image_affinity, logs=args.logs)
     try:
         print(f"starting {args.replicas} replica(s) of {args.model} ...", flush=True)
         fleet.start()
