@@ -8,8 +8,11 @@ router policy, with one replica alone as the reference; one run, one pair of rep
 Workload: conversations about images. Each of --images synthetic scenes gets --questions questions,
 asked one after the other (each after the previous answer and a pause of up to --think-s, as a user
 reading the answers would); --concurrency clients run conversations at once, so they interleave. Every request
-carries `X-Session-ID: <digest of its image>`, the key vllm-router's consistent_hash policy hashes
-(the other policies ignore it). Every run (policy x mode) gets scenes no replica has seen.
+carries `X-Session-ID: <digest of its image>`, the key the session policies (consistent_hash,
+sticky_least_loaded) place by, unless --no-session-key (clients as they are). The router runs the
+image-affinity middleware (deploy/router/: it gives a keyless image request a key made from its
+image) unless a policy is given as POLICY/no-affinity. Every run (policy x mode) gets scenes no
+replica has seen.
 
 Cached share: over the run, the sum across replicas of vLLM's prefix-cache hits over its queries
 (vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total, prompt tokens of every pass).
@@ -34,7 +37,7 @@ import openai
 from . import scenes, systems
 from .bench import FLEET_MARKER as MARKER
 from .bench import ROOT
-from .fleet import Fleet, metric, metric_samples
+from .fleet import POLICIES, Fleet, metric, metric_samples
 from .loadgen import git_revision, machine
 
 MODEL = "tiny-llava"
@@ -108,13 +111,17 @@ def router_counters(fleet: Fleet) -> dict[str, float]:
             for (name, labels), value in fleet.router_metrics().items() if name in wanted}
 
 
+NO_AFFINITY = "/no-affinity"  # a policy given as "sticky_least_loaded/no-affinity": without the middleware
+
+
 def measure(fleet: Fleet, config: str, mode: str, args: argparse.Namespace, seed: int) -> dict:
-    """One run: `config` is "single" (replica 0 alone, no router) or a router policy."""
+    """One run: `config` is "single" (replica 0 alone, no router) or a router policy, with the
+    image-affinity middleware unless it ends in NO_AFFINITY."""
     indexes = [0] if config == "single" else list(range(len(fleet.members)))
     url = fleet.members[0].url if config == "single" else fleet.url
     if config != "single":
         try:
-            fleet.restart_router(config)
+            fleet.restart_router(config.removesuffix(NO_AFFINITY), image_affinity=not config.endswith(NO_AFFINITY))
         except RuntimeError as e:  # e.g. a policy that cannot start here: recorded, not fatal
             print(f"  {mode:9s} {config:16s} the router did not start: {e}", flush=True)
             return {"config": config, "mode": mode, "router_failed": str(e),
@@ -150,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.fleet_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--replicas", type=int, default=2, help="default: %(default)s")
     p.add_argument("--policies", default="round_robin,cache_aware,consistent_hash,sticky_least_loaded",
-                   help="router policies to compare, besides one replica alone (default: %(default)s)")
+                   help="router policies to compare, besides one replica alone; POLICY/no-affinity: without "
+                        "the image-affinity middleware (default: %(default)s)")
     p.add_argument("--modes", default="dualfocus,macro", help="request modes (default: %(default)s)")
     p.add_argument("--images", type=int, default=12, help="conversations, one image each (default: %(default)s)")
     p.add_argument("--questions", type=int, default=4, help="questions per image (default: %(default)s)")
@@ -169,16 +177,19 @@ def main(argv: list[str] | None = None) -> int:
         write_report(json.loads(args.report_only.read_text()), args.report_only.resolve())
         return 0
     policies = [x for x in args.policies.split(",") if x]
+    for policy in policies:
+        if policy.removesuffix(NO_AFFINITY) not in POLICIES:
+            p.error(f"unknown policy {policy!r}: one of {', '.join(POLICIES)}, optionally with {NO_AFFINITY}")
     results = {"command": "python -m loadtests.fleet_bench " + " ".join(sys.argv[1:] if argv is None else argv),
                "git": git_revision(), "machine": machine(), "model": MODEL, "replicas": args.replicas,
                "router_version": importlib.metadata.version("vllm-router"),
                "images": args.images, "questions_per_image": args.questions, "concurrency": args.concurrency,
                "max_tokens": args.max_tokens, "kv_cache_gib": args.kv_cache_gib, "think_s": args.think_s,
-               "session_keys": not args.no_session_key,
+               "session_keys": not args.no_session_key, "image_affinity": "unless /no-affinity",
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": []}
     # The replicas publish KV events only when kv_aware is compared (it subscribes to them).
     fleet = Fleet(args.replicas, "round_robin", MODEL, serve_flags=["--kv-cache-gib", str(args.kv_cache_gib)],
-                  kv_events="kv_aware" in policies,
+                  kv_events=any(x.startswith("kv_aware") for x in policies),
                   logs=ROOT / "loadtests" / "results" / "tmp" / "fleet-bench")
     with fleet:
         # Warm up each replica on scenes of its own (first requests pay one-off costs).
@@ -218,7 +229,12 @@ def report(r: dict, path: Path) -> str:
         f"{r['router_version']}; {r['images']} conversations of {r['questions_per_image']} questions "
         f"about one synthetic scene each, asked in order with a pause of 0-{r['think_s']:g} s before each "
          f"follow-up, {r['concurrency']} clients at once, max_tokens {r['max_tokens']}; "
-        "every request carries `X-Session-ID` = a digest of its image. \"single\" is replica 0 alone "
+        + ("every request carries `X-Session-ID` = a digest of its image. " if r.get("session_keys", True)
+           else "no request carries a session key (clients as they are). ")
+        + ("The router runs the image-affinity middleware (deploy/router/: a keyless image request gets "
+           "`X-Session-ID` = a hash of its image) except where a policy reads `/no-affinity`. "
+           if "image_affinity" in r else "")
+        + "\"single\" is replica 0 alone "
         "(no router) on the same workload. Cached share: prefix-cache hits / queries summed over the "
         "replicas (every pass's prompt tokens). One run; both replicas share 2 cores, so throughput "
         "figures say little about scaling."), "",
@@ -244,7 +260,9 @@ def report(r: dict, path: Path) -> str:
             ratio = run["cached_share"] / single["cached_share"] if single["cached_share"] else float("nan")
             goal = "below single" if run["config"] == "round_robin" else ">= 0.9 x single"
             met = ratio < 1 if run["config"] == "round_robin" else ratio >= 0.9
-            lines.append(f"| {run['config']}: {goal} | {mode} | {ratio:.2f} x ({'met' if met else 'missed'}) |")
+            lopsided = " (one replica took every request)" if min(run["requests_per_replica"]) == 0 else ""
+            lines.append(f"| {run['config']}: {goal} | {mode} | {ratio:.2f} x ({'met' if met else 'missed'})"
+                         f"{lopsided} |")
     lines += ["", "What the router reported about its own choices (counter increases during each run):", ""]
     for run in runs:
         if run.get("router"):

@@ -594,6 +594,18 @@ def test_fleet_overlays_build(overlay, component):
             validate_k8s(doc, version)
 
 
+def assert_image_affinity(args) -> None:
+    """The router loads the image-affinity middleware from the service's image (WORKDIR /app, the
+    whole build context copied in), i.e. the committed component tests/test_router_middleware.py runs."""
+    from loadtests.fleet import IMAGE_AFFINITY
+
+    assert args.wasm_middleware == "/app/" + str(IMAGE_AFFINITY.relative_to(ROOT))
+    assert IMAGE_AFFINITY.is_file()
+    assert "WORKDIR /app" in (ROOT / "Dockerfile").read_text()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert not {"deploy", "deploy/router", "*.wasm", "**/*.wasm"} & set(ignored)
+
+
 def test_k8s_router_is_wired_to_the_replicas():
     docs = component_documents("router")
     labels, replica = replica_pod()
@@ -614,6 +626,7 @@ def test_k8s_router_is_wired_to_the_replicas():
     assert {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} in container["env"]
     assert args.health_check_endpoint == replica["readinessProbe"]["httpGet"]["path"] == "/health"
     assert args.policy in {"sticky_least_loaded", "consistent_hash", "cache_aware", "round_robin", "power_of_two"}
+    assert_image_affinity(args)
     assert (args.host, args.port, args.prometheus_host, args.prometheus_port) == \
         ("0.0.0.0", ports["http"], "0.0.0.0", ports["metrics"])
     # The router waits for replicas as long as a replica may take to load (the replicas' startup probe).
@@ -705,6 +718,7 @@ def test_compose_fleet_profile_routes_to_its_replicas():
         assert router["depends_on"][name] == {"condition": "service_healthy"}
         serve_args(compose_env(service)["DUALFOCUS_SERVE_FLAGS"])
     assert args.host == "0.0.0.0" and args.health_check_endpoint == "/health"
+    assert_image_affinity(args)
     # The image's healthcheck asks DUALFOCUS_PORT/health: the router answers /health on that port.
     assert args.port == port and router["ports"] == [f"127.0.0.1:8080:{port}"]
     jobs = {job["job_name"]: job for job in load_yaml(DEPLOY / "prometheus/prometheus.yml")["scrape_configs"]}
