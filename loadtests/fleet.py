@@ -5,7 +5,8 @@
     python -m loadtests.fleet --replicas 1 --policy none                 # one replica, no router
 
 Replicas listen on free loopback ports; once every /health is 200 the router starts in front of
-them (its API on --port, its Prometheus metrics on --metrics-port). Ctrl-C or SIGTERM stops the
+them (its API on --port, its Prometheus metrics on --metrics-port), with the image-affinity
+middleware that keys each image request by its image (--no-image-affinity: without it). Ctrl-C or SIGTERM stops the
 router, then the replicas (each drains its in-flight requests), and exits. Arguments after `--`
 are `dualfocus serve` flags for every replica. Logs: --logs (default loadtests/results/tmp/fleet/).
 """

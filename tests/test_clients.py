@@ -60,6 +60,17 @@ def test_macro_mode_and_text_only(client):
     assert r.why == "no image: one plain pass" and r.usage.completion_tokens == 5
 
 
+def test_the_image_goes_before_the_question():
+    """So that a router matching request bodies by prefix sees questions about one image share one."""
+    from clients.python.client import _request
+
+    request = _request("tiny-llava", scene(seed=23), "What is it?", "dualfocus", 8, False)
+    [message] = request["messages"]
+    assert [part["type"] for part in message["content"]] == ["image_url", "text"]
+    assert message["content"][1]["text"] == "What is it?"
+    assert [p["type"] for p in _request("m", None, "Hi", "macro", 8, False)["messages"][0]["content"]] == ["text"]
+
+
 def test_ask_many_keeps_order_and_reports_failures_in_place(client):
     images = [scene(seed=30 + i) for i in range(5)]
     items = [(image, f"Question {i}?") for i, image in enumerate(images)]

@@ -46,9 +46,13 @@ def image_data_url(image: ImageInput) -> str:
 def _request(
     model: str, image: ImageInput | None, question: str, mode: str, max_tokens: int, trace: bool, **sampling
 ) -> dict:
-    content: list[dict[str, Any]] = [{"type": "text", "text": question}]
+    # The image before the question (the server reads the parts in any order): routers that match
+    # request bodies by prefix (the Gateway API Inference Extension's endpoint picker) then find every
+    # question about one image sharing a long prefix (docs/deploy.md, "Many replicas").
+    content: list[dict[str, Any]] = []
     if image is not None:
         content.append({"type": "image_url", "image_url": {"url": image_data_url(image)}})
+    content.append({"type": "text", "text": question})
     return dict(
         model=model,
         max_tokens=max_tokens,
