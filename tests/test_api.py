@@ -334,6 +334,29 @@ async def test_a_refused_image_is_a_400_and_counted_by_reason():
         assert metric(text, "dualfocus_image_errors_total", reason="too_large") == 0
 
 
+async def test_of_several_bad_images_the_first_in_message_order_is_the_error():
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"not").decode()
+    not_a_url = "ftp://example.invalid/a.png"
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url()}},
+                                             {"type": "image_url", "image_url": {"url": not_an_image}},
+                                             {"type": "text", "text": "What?"}]},
+                {"role": "assistant", "content": "A square."},
+                {"role": "user", "content": [{"type": "text", "text": "And this?"},
+                                             {"type": "image_url", "image_url": {"url": not_a_url}}]}]
+    async with serving() as (app, http):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await sdk(http).chat.completions.create(model=MODEL, messages=messages)
+        assert caught.value.code == "image_not_an_image" and app.state.engine.queries == []
+        messages[0]["content"][1]["image_url"]["url"] = png_url(20, 10)
+        with pytest.raises(openai.BadRequestError) as caught:
+            await sdk(http).chat.completions.create(model=MODEL, messages=messages)
+        assert caught.value.code == "image_url" and app.state.engine.queries == []
+        messages[2]["content"][1]["image_url"]["url"] = png_url(30, 20)
+        await sdk(http).chat.completions.create(model=MODEL, messages=messages)
+        q = app.state.engine.queries[-1]
+        assert [i.size for i in q.all_images] == [(320, 240), (20, 10), (30, 20)]
+
+
 # --- admission and disconnects -------------------------------------------------------------------
 
 async def test_beyond_the_in_flight_limit_requests_get_429_with_retry_after():
