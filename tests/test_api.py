@@ -525,6 +525,16 @@ async def test_mode_auto_and_its_threshold_reach_the_engine_and_the_trace_says_w
                                               "threshold": 0.5, "box_area": None, "max_box_area": 0.5,
                                               "box_aborted": True}
         assert response.dualfocus["box"] is None and list(response.dualfocus["stages"]) == ["macro"]
+        # As published: the gate is in the OpenAPI schema, and a wrong type in it breaks the schema.
+        schema = (await http.get("/openapi.json")).json()
+        validator = jsonschema.Draft202012Validator({"$ref": "#/components/schemas/ChatCompletionResponse",
+                                                     "components": schema["components"]})
+        raw = (await http.post("/v1/chat/completions", json=body("Hi.", png_url(), dualfocus={
+            "mode": "auto", "return_trace": True}))).json()
+        validator.validate(raw)
+        raw["dualfocus"]["gate"]["zoomed"] = "maybe"
+        with pytest.raises(jsonschema.ValidationError):
+            validator.validate(raw)
         # Without a threshold, the engine's own applies (None); other modes have no gate in their trace.
         await http.post("/v1/chat/completions", json=body("Hi.", png_url(), dualfocus={"mode": "auto"}))
         assert engine.queries[-1].zoom_threshold is None
