@@ -96,7 +96,7 @@ class DualFocusEngine:
 
         `on_text` receives the answer's text so far (and its token logprobs, if asked for)
         while it is generated; only a single-pass request knows its answer before the end
-        (DualFocus decides at fusion).
+        (DualFocus decides at fusion; mode auto at its zoom gate, then at fusion if it zoomed).
         `started` is set when the engine has begun the request (its first pass's prompt is in).
         """
         request_id = request_id or uuid.uuid4().hex
