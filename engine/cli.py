@@ -116,7 +116,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=d.zoom_max_box_area,
         metavar="0-1",
         help="zoom only into boxes covering at most this share of the image: a bigger box gives the micro pass "
-        "nearly the picture the macro pass saw; 1 lifts the limit (default: %(default)s)",
+        "nearly the picture the macro pass saw; 1 lifts the limit. Provisional default (default: %(default)s)",
     )
 
 
