@@ -61,3 +61,15 @@ def test_a_confident_answer_needs_no_box_and_max_box_area_one_lifts_the_limit():
 def test_a_threshold_outside_0_to_1_is_refused(threshold):
     with pytest.raises(ValueError, match="between 0 and 1"):
         ZoomGate(threshold)
+
+
+def test_the_engine_config_and_a_query_refuse_a_threshold_outside_0_to_1():
+    from engine import EngineConfig, Query
+
+    with pytest.raises(ValueError, match="zoom_threshold must be between 0 and 1"):
+        EngineConfig(zoom_threshold=2.0)
+    with pytest.raises(ValueError, match="zoom_max_box_area must be between 0 and 1"):
+        EngineConfig(zoom_max_box_area=-1.0)
+    with pytest.raises(ValueError, match="zoom_threshold must be between 0 and 1"):
+        Query("q", zoom_threshold=1.01)
+    assert Query("q", mode="auto", zoom_threshold=0.0).zoom_threshold == 0.0
