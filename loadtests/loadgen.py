@@ -31,9 +31,10 @@ from . import scenes, systems
 SYSTEMS = ("ours", "stock-chat", "stock-dualfocus")
 
 
-def request_fn(system: str, client, model: str, mode: str, max_tokens: int, stream: bool):
+def request_fn(system: str, client, model: str, mode: str, max_tokens: int, stream: bool,
+               zoom_threshold: float | None = None):
     if system == "ours":
-        return lambda item: systems.ours(client, model, item, mode, max_tokens, stream)
+        return lambda item: systems.ours(client, model, item, mode, max_tokens, stream, zoom_threshold)
     if system == "stock-chat":
         return lambda item: systems.stock_chat(client, model, item, max_tokens, stream)
     if system == "stock-dualfocus":
@@ -113,6 +114,11 @@ def summarize(samples: list[systems.Sample], wall_s: float) -> dict:
                                 "cached_ratio": sum(r.cached_tokens for r in rows) / prompt if prompt else 0.0}
         out["stages"] = stages
         out["chosen"] = {c: sum(t.chosen == c for t in traces) for c in ("macro", "micro", "same")}
+        gates = [t.gate for t in traces if t.gate]
+        if gates:  # mode auto: how often it zoomed, why not, and how often the box pass was aborted
+            out["zoom"] = {"zoomed": sum(g.zoomed for g in gates), "skipped": sum(not g.zoomed for g in gates),
+                           "why": {why: sum(g.why == why for g in gates) for why in sorted({g.why for g in gates})},
+                           "box_aborted": sum(g.box_aborted for g in gates)}
     return out
 
 
@@ -146,7 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--api-key", default="none")
     p.add_argument("--model", help="model name (default: the server's first)")
     p.add_argument("--system", choices=SYSTEMS, default="ours", help="what a request is (default: %(default)s)")
-    p.add_argument("--mode", choices=["dualfocus", "macro"], default="dualfocus", help="for --system ours")
+    p.add_argument("--mode", choices=["dualfocus", "auto", "macro"], default="dualfocus", help="for --system ours")
+    p.add_argument("--zoom-threshold", type=float, help="with --mode auto: each request's (default: the server's)")
     p.add_argument("--stream", action="store_true", help="stream responses (TTFT is measured then)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--concurrency", type=int, default=None, help="closed loop: requests in flight (default 1)")
@@ -172,7 +179,7 @@ def main(argv=None) -> int:
         client = openai.AsyncOpenAI(base_url=args.url.rstrip("/") + "/v1", api_key=args.api_key, max_retries=0,
                                     timeout=600)
         model = args.model or (await client.models.list()).data[0].id
-        send = request_fn(args.system, client, model, args.mode, args.max_tokens, args.stream)
+        send = request_fn(args.system, client, model, args.mode, args.max_tokens, args.stream, args.zoom_threshold)
         samples, wall = await run_load(send, items, concurrency=args.concurrency, rate=args.rate,
                                        requests=args.requests, duration=args.duration,
                                        progress=not args.no_progress)
@@ -181,7 +188,8 @@ def main(argv=None) -> int:
 
     samples, wall = asyncio.run(go())
     result = {"command": " ".join(sys.argv), "git": git_revision(), "machine": machine(),
-              "system": args.system, "mode": args.mode, "concurrency": args.concurrency, "rate": args.rate,
+              "system": args.system, "mode": args.mode, "zoom_threshold": args.zoom_threshold,
+              "concurrency": args.concurrency, "rate": args.rate,
               "stream": args.stream, "summary": summarize(samples, wall)}
     text = json.dumps(result, indent=2)
     if args.out:

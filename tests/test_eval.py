@@ -78,8 +78,8 @@ def test_score_picks_the_kind_from_the_ground_truth():
 
 
 class FakeResult:
-    def __init__(self, answer, mode="dualfocus", chosen="macro"):
-        self.answer, self.mode, self.chosen = answer, mode, chosen
+    def __init__(self, answer, mode="dualfocus", chosen="macro", gate=None):
+        self.answer, self.mode, self.chosen, self.gate = answer, mode, chosen, gate
 
 
 def test_summary_and_report_put_the_modes_side_by_side():
@@ -222,3 +222,22 @@ def test_eval_says_clearly_what_is_wrong_with_its_input(tmp_path):
     out = run_eval(path, "--images", tmp_path / "images", *common)
     assert out.returncode == 1 and "cannot reach the DualFocus server" in out.stderr
     assert not (tmp_path / "out").exists()  # nothing written when nothing was asked
+
+
+def test_mode_auto_is_summarised_with_how_often_it_zoomed_and_its_gate_is_written(tmp_path):
+    from clients.eval.harness import write_answers
+    from clients.python.result import AskResult, Gate, Usage
+
+    mc = {"question_id": 1, "text": SEED_STYLE, "answer": "A"}
+    vqa = {"question_id": 2, "text": "Sign?", "answers": ["stop"] * 10}
+    zoomed, kept = Gate(True, "unsure", 0.3, 0.5, 0.1, 0.5, False), Gate(False, "confident", 0.9, 0.5, None, 0.5, True)
+    auto = [Answer(mc, "auto", AskResult("A", Usage(1, 0, 1), mode="auto", chosen="micro", gate=zoomed)),
+            Answer(vqa, "auto", AskResult("go", Usage(1, 0, 1), mode="auto", chosen="macro", gate=kept))]
+    summary = summarize(auto)
+    assert summary["accuracy"] == 50.0 and (summary["zoomed"], summary["gated"]) == (1, 2)
+    assert "auto zoomed: 1 of 2 (50%)" in report({"auto": summary})
+    write_answers(auto, tmp_path / "answers-auto.jsonl", "m")
+    rows = [json.loads(line) for line in (tmp_path / "answers-auto.jsonl").read_text().splitlines()]
+    assert rows[1]["metadata"]["gate"] == {"zoomed": False, "why": "confident", "confidence": 0.9, "threshold": 0.5,
+                                           "box_area": None, "max_box_area": 0.5, "box_aborted": True}
+    assert "zoomed" not in summarize([Answer(mc, "macro", FakeResult("A", "macro"))])

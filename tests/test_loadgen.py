@@ -75,3 +75,22 @@ async def test_streamed_load_measures_time_to_first_token(server):
     summary = summarize(samples, wall)
     assert summary["ok"] == 3 and 0 < summary["ttft_s"]["p50"] <= summary["latency_s"]["p50"]
     await client.close()
+
+
+def test_the_auto_sweep_compares_medians_and_counts_zooms():
+    from loadtests.auto_sweep import compare, configurations
+
+    assert [c[0] for c in configurations([0.0, 0.5])] == ["macro", "dualfocus", "auto@0", "auto@0.5"]
+
+    def run(rps, zoom=None):
+        out = {"requests_per_s": rps, "latency_s": {"p50": 1 / rps}, "requests": 10, "ok": 10}
+        return {**out, "zoom": zoom} if zoom else out
+
+    table = compare({"macro": [run(10), run(12)], "dualfocus": [run(4), run(6)],
+                     "auto@0.5": [run(8, {"zoomed": 3, "skipped": 7, "why": {"confident": 6, "box unparsed": 1},
+                                         "box_aborted": 5}),
+                                  run(8, {"zoomed": 5, "skipped": 5, "why": {"confident": 5}, "box_aborted": 2})]})
+    assert table["macro"]["requests_per_s_median"] == 11 and table["dualfocus"]["vs_macro"] == round(5 / 11, 3)
+    auto = table["auto@0.5"]
+    assert auto["vs_dualfocus"] == 1.6 and auto["zoomed_share"] == 0.4 and auto["box_aborted"] == 7
+    assert auto["why"] == {"confident": 11, "box unparsed": 1} and "zoomed_share" not in table["macro"]

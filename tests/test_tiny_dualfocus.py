@@ -111,3 +111,35 @@ def test_dualfocus_detail_gain_on_the_trained_model_and_answers_the_task_allows(
         assert answer["text"].strip() in ALLOWED[kind], answer
         assert answer["metadata"]["box"] is not None and answer["metadata"]["crop"] is not None, answer
     assert elapsed < 120 * 2  # the 2 minutes, with room for a busy machine
+
+
+def test_training_examples_teach_the_served_prompts_and_point_at_image_tokens():
+    from training.data import IMAGE_TOKENS, ExampleMaker
+    from training.model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    maker = ExampleMaker(tokenizer, seed=5)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    system = maker.adapter.conversation_prefix([], 1).ids(maker.adapter)
+    kinds = set()
+    for _ in range(12):
+        for e in maker.examples():
+            kinds.add(e.kind)
+            # the served conversation's opening, then one block of image tokens per image
+            assert e.ids[: len(system) - 1] == system[:-1] and len(e.image_starts) == len(e.images)
+            for start in e.image_starts:
+                assert e.ids[start : start + IMAGE_TOKENS] == [image_id] * IMAGE_TOKENS
+            image_positions = {s + k for s in e.image_starts for k in range(IMAGE_TOKENS)}
+            assert e.focus, e.kind
+            for q, keys in e.focus:  # each focus is read where a taught token is predicted, from image tokens
+                assert e.labels[q + 1] != -100 and keys and set(keys) <= image_positions
+            words = {maker.colour_word[i] for i in range(len(COLOURS))}
+            for w in e.patch_words:
+                assert set(w[w != -100].tolist()) <= words
+            if e.kind in ("micro", "scoring") and "dot" in tokenizer.decode(e.ids[-30:]):
+                # a detail answer is read off the crop (the second image), where its dot's word is
+                q, keys = e.focus[-1]
+                assert q == e.answer_at - 1 and min(keys) >= e.image_starts[1]
+                crop_words = e.patch_words[1][[k - e.image_starts[1] for k in keys]].tolist()
+                assert e.ids[e.answer_at] in crop_words or e.ids[e.answer_at] not in words
+    assert kinds == {"macro", "box", "micro", "scoring"}

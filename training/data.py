@@ -9,7 +9,7 @@ and images go through the adapter's pad-to-square and the checkpoint's own image
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from .model import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, IMAGE_TOKENS, image_proces
 from .task import COLOUR_NAMES, TEST_SEED_BASE, Question, Scene, box_text, make_questions, make_scene, vary_rendering
 
 # What one LM example teaches (weights: how often each is drawn).
-SEQUENCE_KINDS = {"macro": 0.25, "box": 0.15, "micro": 0.35, "scoring": 0.25}
+SEQUENCE_KINDS = {"macro": 0.2, "box": 0.3, "micro": 0.25, "scoring": 0.25}
 GRID = IMAGE_SIZE // 14
 
 
@@ -32,9 +32,14 @@ class Example:
     ids: list[int]
     labels: list[int]  # -100 where no loss
     images: list[Image.Image]  # model images (already padded square), in prompt order
+    patch_words: list[torch.Tensor]  # per image: each patch's content word id (-100: none), see patch_words()
     kind: str
     answer_at: int  # index of the first answer token (for accuracy), -1 if none
     box_at: int  # index of the first box token with a loss, -1 if none
+    image_starts: list[int]  # index of each image's first token
+    # Where the answer is to be read: (position that predicts a taught token, positions of the image tokens
+    # that show what it needs); lm_step's attention loss steers one head per layer there.
+    focus: list[tuple[int, list[int]]] = field(default_factory=list)
 
 
 class ExampleMaker:
@@ -43,6 +48,8 @@ class ExampleMaker:
         self.eos = tokenizer.eos_token_id
         self.image_id = tokenizer.convert_tokens_to_ids("<image>")
         self.rng = random.Random(seed)
+        # The first token of each colour word as an answer says it (" red"): the image-word loss's targets.
+        self.colour_word = [self.adapter.reply_ids(c)[0] for c in COLOUR_NAMES]
 
     # --- scenes --------------------------------------------------------------------------------
     def scene(self) -> tuple[Scene, Image.Image]:
@@ -56,10 +63,6 @@ class ExampleMaker:
         w, h = box[2] - box[0], box[3] - box[1]
         return (box[0] + self.rng.gauss(0, 0.15 * w), box[1] + self.rng.gauss(0, 0.15 * h),
                 box[2] + self.rng.gauss(0, 0.15 * w), box[3] + self.rng.gauss(0, 0.15 * h))
-
-    def crop(self, image: Image.Image, box) -> Image.Image | None:
-        plan = plan_crop(box, *image.size)
-        return image.crop(plan.rect) if plan.usable else None
 
     # --- language-model examples ------------------------------------------------------------
     def examples(self) -> list[Example]:
@@ -75,19 +78,36 @@ class ExampleMaker:
     def example_for(self, scene: Scene, image: Image.Image, q: Question, kind: str) -> Example:
         a = self.adapter
         full = a.model_image(image)
+        signs = [(s.colour, s.dot, s.rect, s.dot_rect) for s in scene.signs]
+        full_words = self.patch_words(image, signs, dots=False)
+        # What the question is about, on the full image: the asked sign (detail, and presence of a sign
+        # that is there) or every sign (count, and presence of one that is not).
+        about = [s for s in scene.signs if q.asked_sign == s.rect or (q.kind == "presence" and f" {s.colour} " in q.text)]
+        on_full = sorted({k for s in (about or scene.signs) for k in patches_over(image.size, s.rect)})
+        prefix = a.conversation_prefix([], 1)  # a new conversation with one image, as the server opens it
         if kind == "macro":
-            return self._join([(a.macro_prompt(q.text), False), (a.reply_ids(q.answer) + [self.eos], True)],
-                              [full], kind, answer_part=1)
+            ex = self._join([(a.macro_prompt(prefix, q.text), False), (a.reply_ids(q.answer) + [self.eos], True)],
+                            [full], [full_words], kind, answer_part=1)
+            ex.focus.append((ex.answer_at - 1, [ex.image_starts[0] + k for k in on_full]))
+            return ex
         stem = parse_question(q.text).stem
-        box_prompt = a.box_prompt(stem)
+        box_prompt = a.box_prompt(prefix, stem)
         w, h = image.size
         exact_box = box_text(q.box, w, h)
         if kind == "box":
-            return self._join([(box_prompt, False), (a.encode(exact_box) + [self.eos], True)], [full], kind, box_part=1)
+            ex = self._join([(box_prompt, False), (a.encode(exact_box) + [self.eos], True)], [full], [full_words],
+                            kind, box_part=1)
+            self._focus_box(ex, on_full)
+            return ex
         served = self.served_box(q.box)
-        crop = self.crop(image, served)
-        if crop is None:  # a jittered box can leave the image; fall back to the exact one
-            served, crop = tuple(float(v) for v in q.box), self.crop(image, q.box)
+        plan = plan_crop(served, w, h)
+        if not plan.usable:  # a jittered box can leave the image; fall back to the exact one
+            served = tuple(float(v) for v in q.box)
+            plan = plan_crop(served, w, h)
+        crop = image.crop(plan.rect)
+        x0, y0 = plan.rect[:2]
+        crop_words = self.patch_words(crop, [(c, d, _shift(r, x0, y0), _shift(dr, x0, y0)) for c, d, r, dr in signs],
+                                      dots=True)
         said = box_text(served, w, h)
         box_reply = a.close_reply(a.encode(said))
         if kind == "micro":
@@ -97,22 +117,62 @@ class ExampleMaker:
             turn = a.scoring_prompt(box_prompt, box_reply, stem)[len(box_prompt) + len(box_reply):]
             answer = a.reply_ids(q.scoring_answer)
         # The box reply is taught only when it is the true box (a jittered one only sets the scene).
-        return self._join([(box_prompt, False), (box_reply, said == exact_box), (turn, False), (answer, True)],
-                          [full, a.model_image(crop)], kind, answer_part=3, box_part=1 if said == exact_box else -1)
+        ex = self._join([(box_prompt, False), (box_reply, said == exact_box), (turn, False), (answer, True)],
+                        [full, a.model_image(crop)], [full_words, crop_words], kind, answer_part=3,
+                        box_part=1 if said == exact_box else -1)
+        if said == exact_box:
+            self._focus_box(ex, on_full)
+        if q.asked_sign is not None:  # a detail question: the answer is the asked sign's dot, on the crop
+            sign = next(s for s in scene.signs if s.rect == q.asked_sign)
+            on_crop = patches_over(crop.size, _shift(sign.dot_rect, x0, y0))
+            ex.focus.append((ex.answer_at - 1, [ex.image_starts[1] + k for k in on_crop]))
+        else:
+            ex.focus.append((ex.answer_at - 1, [ex.image_starts[0] + k for k in on_full]))
+        return ex
 
-    def _join(self, parts, images, kind, answer_part=-1, box_part=-1) -> Example:
+    def _focus_box(self, ex: Example, on_full: list[int]) -> None:
+        """Each taught box token is read off the full image's patches of what the question is about."""
+        t = ex.box_at
+        while t < len(ex.labels) and ex.labels[t] != -100 and ex.labels[t] != self.eos:
+            ex.focus.append((t - 1, [ex.image_starts[0] + k for k in on_full]))
+            t += 1
+
+    def patch_words(self, image: Image.Image, signs, dots: bool) -> torch.Tensor:
+        """Each image token's content as a word the language model's head can say: the dot's colour word
+        in the patch that holds the dot's centre (crops only), else the colour word of the sign covering
+        the patch's centre (full images), else -100 (no target). Training the projected image tokens to say these
+        (lm_step's image-word loss) gives the language model a short path from the image to an answer:
+        answering becomes finding the right image token and copying its word."""
+        _, colour, dot, _ = self._patch_targets(image, signs, dots=dots)
+        words = torch.full((GRID * GRID,), -100, dtype=torch.long)
+        if dots:  # on a crop only the dots speak, so that a dot's token is told apart from its sign's
+            for k in range(GRID * GRID):
+                if dot[k] > 0:
+                    words[k] = self.colour_word[int(dot[k]) - 1]
+            return words
+        for c, _, r, _ in signs:  # a sign smaller than a patch may cover no patch's centre: its centre's patch
+            words[patch_at(image.size, ((r[0] + r[2]) / 2, (r[1] + r[3]) / 2))] = self.colour_word[COLOUR_NAMES.index(c)]
+        for k in range(GRID * GRID):
+            if colour[k] > 0:
+                words[k] = self.colour_word[int(colour[k]) - 1]
+        return words
+
+    def _join(self, parts, images, patch_words, kind, answer_part=-1, box_part=-1) -> Example:
         ids: list[int] = []
         labels: list[int] = []
         starts = []
+        image_starts = []
         for part, learn in parts:
             expanded: list[int] = []
             for t in part:  # vLLM expands each image placeholder to the image's tokens; so does training
+                if t == self.image_id:
+                    image_starts.append(len(ids) + len(expanded))
                 expanded.extend([t] * IMAGE_TOKENS if t == self.image_id else [t])
             starts.append(len(ids))
             ids += expanded
             labels += expanded if learn else [-100] * len(expanded)
-        return Example(ids, labels, images, kind, starts[answer_part] if answer_part >= 0 else -1,
-                       starts[box_part] if box_part >= 0 else -1)
+        return Example(ids, labels, images, patch_words, kind, starts[answer_part] if answer_part >= 0 else -1,
+                       starts[box_part] if box_part >= 0 else -1, image_starts)
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([to_pixels(i) for i in images])
@@ -129,8 +189,8 @@ class ExampleMaker:
         plan = plan_crop(self.served_box(sign.rect), *image.size)
         if plan.usable:
             x0, y0 = plan.rect[:2]
-            shift = lambda r: (r[0] - x0, r[1] - y0, r[2] - x0, r[3] - y0)
-            out.append(self._patch_targets(image.crop(plan.rect), [(c, d, shift(r), shift(dr)) for c, d, r, dr in signs],
+            out.append(self._patch_targets(image.crop(plan.rect),
+                                           [(c, d, _shift(r, x0, y0), _shift(dr, x0, y0)) for c, d, r, dr in signs],
                                            dots=True))
         return out
 
@@ -160,6 +220,33 @@ class ExampleMaker:
         if not dots:
             dot[:] = -100
         return self.adapter.model_image(image), colour, dot, boxes
+
+
+def _square_cell(size: tuple[int, int]) -> tuple[float, float, float]:
+    """(x offset, y offset, patch side) of the padded square a `size` image becomes, in its pixels."""
+    w, h = size
+    side = max(w, h)
+    return (side - w) // 2, (side - h) // 2, side / GRID
+
+
+def patch_at(size: tuple[int, int], point: tuple[float, float]) -> int:
+    """The index (row-major on the 8x8 grid) of the patch that shows `point` of a `size` image."""
+    ox, oy, cell = _square_cell(size)
+    j = min(GRID - 1, max(0, int((point[0] + ox) // cell)))
+    i = min(GRID - 1, max(0, int((point[1] + oy) // cell)))
+    return i * GRID + j
+
+
+def patches_over(size: tuple[int, int], rect) -> list[int]:
+    """The patches a rectangle of a `size` image overlaps."""
+    ox, oy, cell = _square_cell(size)
+    j0, j1 = int((rect[0] + ox) // cell), int((rect[2] - 1 + ox) // cell)
+    i0, i1 = int((rect[1] + oy) // cell), int((rect[3] - 1 + oy) // cell)
+    return [i * GRID + j for i in range(max(0, i0), min(GRID - 1, i1) + 1) for j in range(max(0, j0), min(GRID - 1, j1) + 1)]
+
+
+def _shift(r, x0: int, y0: int) -> tuple[int, int, int, int]:
+    return (r[0] - x0, r[1] - y0, r[2] - x0, r[3] - y0)
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:
@@ -203,6 +290,8 @@ class Batches(torch.utils.data.IterableDataset):
                 batch["kinds"] = [e.kind for e in examples]  # type: ignore[assignment]
                 batch["answer_at"] = torch.tensor([e.answer_at for e in examples])
                 batch["box_at"] = torch.tensor([e.box_at for e in examples])
+                batch["patch_words"] = torch.cat([w for e in examples for w in e.patch_words])
+                batch["focus"] = [(i, q, keys) for i, e in enumerate(examples) for q, keys in e.focus]  # type: ignore[assignment]
                 yield batch
 
 

@@ -21,7 +21,7 @@ def plot(log: Path, out: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     stages = ("vision", "projector", "full")
     for ax, title, keys in (
-        (axes[0], "loss", ["loss"]),
+        (axes[0], "loss", ["loss", "answer_loss", "box_loss", "image_word_loss", "attention_loss"]),
         (axes[1], "vision heads: per-patch accuracy", ["colour_acc", "dot_acc", "vision_colour_acc", "vision_dot_acc"]),
         (axes[2], "stages 2-3: teacher-forced accuracy", ["acc_macro", "acc_micro", "acc_scoring", "acc_box_tokens"]),
     ):

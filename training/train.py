@@ -48,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="sequences per stage-2/3 step (default: %(default)s)")
     p.add_argument("--side-vision-batch", type=int, default=16,
                    help="images per stage-2/3 step for the tower's direct heads (default: %(default)s)")
+    p.add_argument("--image-word-weight", type=float, default=1.0,
+                   help="weight of the image-word loss in stages 2-3 (0: off; see lm_step) (default: %(default)s)")
+    p.add_argument("--attention-weight", type=float, default=1.0,
+                   help="weight of the attention loss in stages 2-3 (0: off; see lm_step) (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; on a shared 2-core machine 1 is faster than 2 (default: %(default)s)")
@@ -87,8 +91,10 @@ def main(argv=None) -> int:
     from transformers import LlavaForConditionalGeneration
 
     tokenizer = build_tokenizer()
+    numbers = number_token_ids(tokenizer)
     config = build_config(tokenizer)
     model = LlavaForConditionalGeneration(config).float()
+    model.set_attn_implementation("eager")  # the attention loss reads the attention weights
     heads = VisionHeads(config.vision_config.hidden_size)
     state_path = args.state or args.out.parent / ".train-state.pt"
     stages = [("vision", args.vision_steps), ("projector", args.projector_steps), ("full", args.full_steps)]
@@ -163,7 +169,7 @@ def main(argv=None) -> int:
             for g, peak in zip(opt.param_groups, peaks):
                 g["lr"] = lr_at(step, progress, peak)
             batch = next(batches)
-            metrics = vision_step(model, heads, batch) if stage == "vision" else lm_step(model, batch)
+            metrics = vision_step(model, heads, batch) if stage == "vision" else lm_step(model, batch, numbers, args.image_word_weight, args.attention_weight)
             if side is not None:
                 extra = vision_step(model, heads, next(side))
                 metrics["loss_tensor"] = metrics["loss_tensor"] + extra.pop("loss_tensor")
@@ -213,11 +219,61 @@ def vision_step(model, heads: VisionHeads, batch: dict) -> dict:
             "box_l1": loss_b.item() / 10}
 
 
-def lm_step(model, batch: dict) -> dict:
+def number_token_ids(tokenizer) -> torch.Tensor:
+    """The ids of the two-digit tokens a box's numbers are written with ("46" of "0.46")."""
+    return torch.tensor(sorted(i for t, i in tokenizer.get_vocab().items()
+                               if len(t) == 2 and t.isdigit()))
+
+
+def lm_step(model, batch: dict, number_ids: torch.Tensor, image_word_weight: float = 1.0,
+            attention_weight: float = 1.0) -> dict:
     ids, labels = batch["input_ids"], batch["labels"]
-    out = model(input_ids=ids, labels=labels, attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"])
-    metrics: dict = {"loss_tensor": out.loss, "loss": out.loss.item()}
+    out = model(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+                output_hidden_states=True, output_attentions=bool(attention_weight))
+    # The answers' and the boxes' tokens each get a mean of their own: a box has ~20 taught tokens to an
+    # answer's two, and in one mean the box digits (hard, learnt last) drown the answers' signal.
+    targets = labels[:, 1:]
+    per_token = F.cross_entropy(out.logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    taught = targets != -100
+    answer_from = batch["answer_at"].clamp(min=0).where(batch["answer_at"] >= 0, torch.tensor(10**9))
+    in_answer = taught & (torch.arange(1, ids.shape[1]).unsqueeze(0) >= answer_from.unsqueeze(1))
+    in_box = taught & ~in_answer
+    answer_loss = per_token[in_answer].mean()
+    # Within a box, the numbers' two-digit tokens ("46" of "0.46") carry it; its brackets, commas and "0."
+    # are learnt in the first hundred steps and would otherwise outweigh them three to one.
+    in_number = in_box & torch.isin(targets, number_ids)
+    box_loss = per_token.sum() * 0
+    if in_number.any():
+        box_loss = box_loss + per_token[in_number].mean()
+    if (in_box & ~in_number).any():
+        box_loss = box_loss + 0.25 * per_token[in_box & ~in_number].mean()
+    # The image-word loss: each projected image token, read by the language model's own head, says
+    # what its patch shows (the dot's colour word on crops, else its sign's colour word; data.py's
+    # patch_words). Then an answer is one attention hop from the token that holds it, a path the
+    # answer loss alone finds only after thousands of steps.
+    lm = model.model.language_model
+    at_images = ids == model.config.image_token_index
+    words = batch["patch_words"]
+    word_logits = model.lm_head(lm.norm(out.hidden_states[0][at_images]))
+    has_word = words != -100
+    word_loss = F.cross_entropy(word_logits, words, ignore_index=-100)
+    loss = answer_loss + box_loss + image_word_weight * word_loss
+    metrics: dict = {"loss_tensor": loss, "loss": per_token[taught].mean().item(), "answer_loss": answer_loss.item(),
+                     "box_loss": box_loss.item(), "image_word_loss": word_loss.item(),
+                     "image_word_acc": float((word_logits[has_word].argmax(-1) == words[has_word]).float().mean())}
+    # The attention loss: at each position that predicts an answer or box token, head 0 of every layer
+    # after the first puts its attention on the image tokens that show what the token needs (data.py's
+    # focus: the asked sign on the full image, its dot on the crop). That is where the answer loss alone
+    # sat on a plateau: it has to find both which token to read and what to say at once.
+    if attention_weight and batch["focus"]:
+        target = torch.zeros(ids.shape[0], ids.shape[1], ids.shape[1])
+        for b, q, keys in batch["focus"]:
+            target[b, q, keys] = 1.0
+        rows = target.sum(-1) > 0
+        attention_loss = sum(-torch.log((attn[:, 0] * target).sum(-1)[rows] + 1e-6).mean()
+                             for attn in out.attentions[1:])
+        metrics["loss_tensor"] = loss + attention_weight * attention_loss
+        metrics["attention_loss"] = float(attention_loss)
     # Teacher-forced accuracy of the first answer token and of the box tokens, per kind of example.
     preds = out.logits.argmax(-1)
     for i, kind in enumerate(batch["kinds"]):

@@ -47,7 +47,15 @@ def add_parser(sub) -> None:
         "--mode",
         choices=list(MODES),
         default="both",
-        help="dualfocus, macro (one plain pass), or both, for the comparison (default: %(default)s)",
+        help="dualfocus, macro (one plain pass), auto (zoom only when the macro answer is unsure), both (macro "
+        "and dualfocus, for the comparison) or all three (default: %(default)s)",
+    )
+    p.add_argument(
+        "--zoom-threshold",
+        type=float,
+        metavar="0-1",
+        help="mode auto: zoom when the macro answer's confidence is below this (default: the server's); each "
+        "answer's metadata.gate.confidence lets any other threshold be replayed from one run at 1",
     )
     p.add_argument(
         "--out", required=True, type=Path, help="folder for answers-MODE.jsonl and summary.json (created if missing)"
@@ -102,7 +110,15 @@ def run(args: argparse.Namespace) -> int:
         client = AsyncDualFocusClient(args.url, api_key=args.api_key)
         try:
             model = await client.model()  # fails fast on a wrong URL or key, before any question
-            answers = await ask_all(client, questions, args.images, modes, args.concurrency, args.max_tokens)
+            answers = await ask_all(
+                client,
+                questions,
+                args.images,
+                modes,
+                args.concurrency,
+                args.max_tokens,
+                zoom_threshold=args.zoom_threshold,
+            )
             return model, answers
         finally:
             await client.close()

@@ -13,7 +13,7 @@ import asyncio
 import json
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,13 @@ from clients.python import AskResult, AsyncDualFocusClient, DualFocusError
 
 from . import scoring
 
-MODES = {"dualfocus": ("dualfocus",), "macro": ("macro",), "both": ("macro", "dualfocus")}
+MODES = {
+    "dualfocus": ("dualfocus",),
+    "macro": ("macro",),
+    "auto": ("auto",),
+    "both": ("macro", "dualfocus"),
+    "all": ("macro", "dualfocus", "auto"),
+}
 KIND_NAMES = {"vqa": "VQA", "multiple_choice": "multiple choice", "exact": "exact match"}
 
 
@@ -90,6 +96,7 @@ async def ask_all(
     concurrency: int = 8,
     max_tokens: int = 128,
     progress: bool = True,
+    zoom_threshold: float | None = None,
 ) -> dict[str, list[Answer]]:
     """Every question in every mode, at most `concurrency` requests in flight, in question order.
     Greedy decoding (the server's default), as the reference evaluates."""
@@ -100,7 +107,11 @@ async def ask_all(
         async with limit:
             try:
                 result = await client.ask(
-                    images / question["image"], question["text"], mode=mode, max_tokens=max_tokens
+                    images / question["image"],
+                    question["text"],
+                    mode=mode,
+                    max_tokens=max_tokens,
+                    zoom_threshold=zoom_threshold if mode == "auto" else None,
                 )
                 return Answer(question, mode, result)
             except DualFocusError as e:
@@ -142,6 +153,8 @@ def write_answers(answers: list[Answer], path: Path, model_id: str) -> None:
                     box=r.box_text,
                     crop=list(r.crop) if r.crop else None,
                 )
+                if r.gate is not None:  # mode auto: with gate.confidence, any threshold can be replayed offline
+                    metadata["gate"] = asdict(r.gate)
             f.write(
                 json.dumps(
                     {
@@ -167,6 +180,7 @@ def summarize(answers: list[Answer]) -> dict:
         if values:
             by_kind[kind] = {"questions": len(values), "accuracy": 100 * sum(values) / len(values)}
     chosen = Counter(a.result.chosen for a in answers if a.result and a.result.mode == "dualfocus")
+    gates = [a.result.gate for a in answers if a.result and a.result.gate]
     return {
         "questions": len(answers),
         "scored": len(scored),
@@ -174,6 +188,8 @@ def summarize(answers: list[Answer]) -> dict:
         "by_kind": by_kind,
         "errors": sum(a.result is None for a in answers),
         "chosen": {k: chosen[k] for k in ("macro", "micro", "same") if chosen[k]},
+        # Mode auto: how many answers zoomed (micro pass and fusion) of those the gate decided.
+        **({"zoomed": sum(g.zoomed for g in gates), "gated": len(gates)} if gates else {}),
     }
 
 
@@ -213,4 +229,7 @@ def report(summaries: dict[str, dict]) -> str:
             + (", ".join(parts) if total else "nothing (every request failed)")
             + "   (same: both passes gave the same answer)"
         )
+    if summaries.get("auto", {}).get("gated"):
+        auto = summaries["auto"]
+        lines.append(f"auto zoomed: {auto['zoomed']} of {auto['gated']} ({100 * auto['zoomed'] / auto['gated']:.0f}%)")
     return "\n".join(lines)

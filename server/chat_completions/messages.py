@@ -7,6 +7,11 @@ names the message and the field.
 
 from __future__ import annotations
 
+import asyncio
+from typing import cast
+
+from PIL import Image
+
 from engine import Turn
 from engine.image_work import ImageWorkers
 from engine.query import Role
@@ -76,12 +81,21 @@ async def to_conversation(
             param="messages",
             code="too_many_images",
         )
+    texts = [_text(message, i) for i, message in enumerate(messages)]
+    # All of a request's images are fetched and decoded side by side; the first failure, in
+    # message order, is the error (the others still finish: nothing is left running).
+    loaded_all = await asyncio.gather(
+        *(load_image(url, settings, workers) for message_urls in urls for url in message_urls), return_exceptions=True
+    )
+    for outcome in loaded_all:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    loaded = iter(cast(list[tuple[Image.Image, str]], loaded_all))
     turns = []
-    for i, (message, message_urls) in enumerate(zip(messages, urls, strict=True)):
-        text = _text(message, i)
-        loaded = [await load_image(url, settings, workers) for url in message_urls]
-        digests: list[str | None] = [digest for _, digest in loaded]
-        turns.append(Turn(_ROLES[message.role], text, [image for image, _ in loaded], digests))
+    for message, text, message_urls in zip(messages, texts, urls, strict=True):
+        images = [next(loaded) for _ in message_urls]
+        digests: list[str | None] = [digest for _, digest in images]
+        turns.append(Turn(_ROLES[message.role], text, [image for image, _ in images], digests))
     question = turns.pop()
     if not question.text.strip():
         raise APIError(
