@@ -31,9 +31,11 @@ from . import scenes, systems
 SYSTEMS = ("ours", "stock-chat", "stock-dualfocus")
 
 
-def request_fn(system: str, client, model: str, mode: str, max_tokens: int, stream: bool):
+def request_fn(system: str, client, model: str, mode: str, max_tokens: int, stream: bool,
+               zoom_threshold: float | None = None):
     if system == "ours":
-        return lambda item: systems.ours(client, model, item, mode, max_tokens, stream)
+        options = {"zoom_threshold": zoom_threshold} if zoom_threshold is not None else None
+        return lambda item: systems.ours(client, model, item, mode, max_tokens, stream, options)
     if system == "stock-chat":
         return lambda item: systems.stock_chat(client, model, item, max_tokens, stream)
     if system == "stock-dualfocus":
@@ -146,7 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--api-key", default="none")
     p.add_argument("--model", help="model name (default: the server's first)")
     p.add_argument("--system", choices=SYSTEMS, default="ours", help="what a request is (default: %(default)s)")
-    p.add_argument("--mode", choices=["dualfocus", "macro"], default="dualfocus", help="for --system ours")
+    p.add_argument("--mode", choices=["dualfocus", "macro", "auto"], default="dualfocus", help="for --system ours")
+    p.add_argument("--zoom-threshold", type=float, help="for --mode auto: the gate's threshold (default: the server's)")
     p.add_argument("--stream", action="store_true", help="stream responses (TTFT is measured then)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--concurrency", type=int, default=None, help="closed loop: requests in flight (default 1)")
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
         client = openai.AsyncOpenAI(base_url=args.url.rstrip("/") + "/v1", api_key=args.api_key, max_retries=0,
                                     timeout=600)
         model = args.model or (await client.models.list()).data[0].id
-        send = request_fn(args.system, client, model, args.mode, args.max_tokens, args.stream)
+        send = request_fn(args.system, client, model, args.mode, args.max_tokens, args.stream, args.zoom_threshold)
         samples, wall = await run_load(send, items, concurrency=args.concurrency, rate=args.rate,
                                        requests=args.requests, duration=args.duration,
                                        progress=not args.no_progress)
