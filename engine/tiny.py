@@ -173,7 +173,7 @@ class LlamaShape:
 TINY_LLAVA_TEXT = LlamaShape(hidden_size=256, intermediate_size=512, num_hidden_layers=2)
 # Where the language model's prefill of a 576-token image is most of a request's time on a 2-core CPU
 # (measured with loadtests/prefill_sweep.py; docs/performance.md, "At a compute-bound shape").
-BENCH_LLAVA_TEXT = LlamaShape(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16)
+BENCH_LLAVA_TEXT = LlamaShape(hidden_size=768, intermediate_size=2048, num_hidden_layers=14)
 
 
 def llava_parts(text: LlamaShape):

@@ -32,6 +32,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -182,6 +183,7 @@ def main(argv=None) -> int:
         results["zoom_threshold"] = args.zoom_threshold
     if args.baseline:
         results["baseline"] = {"git": git_short(args.baseline)}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers it started
     for name in shape_names:
         shape = SHAPES[name]
         levels = [int(x) for x in args.levels.split(",")] if args.levels else list(shape.levels)

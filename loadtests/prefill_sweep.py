@@ -13,7 +13,7 @@ served by this service in turn; per size, requests one at a time (nothing else i
 - image-16: the same streamed with max_tokens 16: time to the first token, then decode steps.
 
     python -m loadtests.prefill_sweep                        # the sizes in docs/performance.md
-    python -m loadtests.prefill_sweep --sizes 768x12,1024x16 --requests 2
+    python -m loadtests.prefill_sweep --sizes 768x14,1024x16 --requests 2
 
 Shares of a 1-token image answer: fixed = text-1 / image-1, language-model prefill =
 (text-600 - text-1) per prompt token x the image prompt's tokens / image-1, image work = the rest. Writes
@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -105,12 +106,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.prefill_sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--sizes", default="tiny,512x8,768x12,1024x16,1024x24",
+    p.add_argument("--sizes", default="tiny,512x8,768x14,1024x16,1024x24",
                    help="language-model sizes, HIDDENxLAYERS or tiny (default: %(default)s)")
     p.add_argument("--requests", type=int, default=3, help="of each kind per size; medians (default: %(default)s)")
     p.add_argument("--port", type=int, default=8730)
     args = p.parse_args(argv)
     from engine.tiny import build_llava, llava_parts
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the server it started
+    out = ROOT / "loadtests" / "results" / f"prefill-sweep-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
     shapes = [(name, parse_size(name)) for name in args.sizes.split(",")]
     logs = ROOT / "loadtests" / "results" / "tmp"
@@ -137,13 +141,12 @@ def main(argv=None) -> int:
                "intermediate_size": shape.intermediate_size, "layers": shape.num_hidden_layers,
                "lm_parameters": params, "build_s": round(built_s, 1), **row}
         results["sizes"].append(row)
+        out.write_text(json.dumps(results, indent=2))  # after each size: a stopped sweep keeps what it measured
         decode = row["decode_s_per_token"]
         print(f"{name:>8s} {params / 1e6:9.0f}M {built_s:8.1f} {row['text_1_s']:9.3f} {row['text_600_s']:10.3f} "
               f"{row['image_1_s']:10.3f} {100 * row['fixed_share']:7.0f}% {100 * row['lm_prefill_share']:8.0f}% "
               f"{100 * row['image_work_share']:7.0f}% {row['image_16_ttft_s']:7.3f} "
               f"{1000 * decode if decode else float('nan'):13.1f}", flush=True)
-    out = ROOT / "loadtests" / "results" / f"prefill-sweep-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}", flush=True)
     return 0
 
