@@ -73,7 +73,7 @@ class Shape:
 SHAPES = {
     "tiny": Shape("tiny", "tiny-llava", (1, 4, 8, 16), (8, 4), 8, 16,
                   "a request's fixed costs (HTTP, Python, scheduling, image handling) are most of its time"),
-    "compute": Shape("compute", "bench-llava-576", (1, 4), (4, 2), 2, 3,
+    "compute": Shape("compute", "bench-llava-576", (1, 4), (2, 2), 2, 3,
                      "the language model's prefill is most of a request's time "
                      "(docs/performance.md, \"At a compute-bound shape\")"),
 }
@@ -114,6 +114,7 @@ def measure(port: int, system: str, mode: str, shape: Shape, levels: list[int], 
                 await send(warmup[0])
             except openai.APIStatusError as e:
                 await client.close()
+                print(f"  {system:16s} {mode:9s} not run: the server refused it (HTTP {e.status_code})", flush=True)
                 return {"not_run": f"the server refused mode auto: HTTP {e.status_code} {str(e)[:300]}"}
         await run_load(send, warmup, concurrency=2, requests=len(warmup), progress=False)
         out, start = {}, 0
@@ -488,9 +489,14 @@ def report(results: dict, shape: str, path, image: str) -> str:
         if not stages:
             continue
         lines += ["", f"### Where a request's time goes ({name}, c={top})", "",
-                  "| stage | requests with it | p50 ms | share of prompt tokens from cache |", "|---|---|---|---|"]
-        lines += [f"| {stage} | {v['count']} | {v['ms_p50']:.1f} | {v['cached_ratio']:.2f} |"
-                  for stage, v in stages.items()]
+                  "From the traces: each stage's wall time from submission to finish (box and macro overlap; "
+                  "micro follows the box; fusion is the two scoring prefills, side by side) and its prompt tokens "
+                  "per request, computed and read from the prefix cache.", "",
+                  "| stage | requests with it | p50 ms | prompt tokens computed | of | share from cache |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {stage} | {v['count']} | {v['ms_p50']:.1f} | "
+                  + (f"{v['computed_tokens_mean']:.0f} | {v['prompt_tokens_mean']:.0f}" if "computed_tokens_mean" in v
+                     else "- | -") + f" | {v['cached_ratio']:.2f} |" for stage, v in stages.items()]
         lines += ["", f"Answers chosen: {s[name][top].get('chosen')}."]
     if shape == "tiny":
         lines += ["", "Conversations (three questions about one image, in turn, against independent requests): "
