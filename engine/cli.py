@@ -9,6 +9,7 @@ import json
 
 from .config import DEFAULT_MODEL, EngineConfig
 from .image_work import BIG_PIXELS, default_threads
+from .trace import MODES
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -97,12 +98,39 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         f"{BIG_PIXELS // 1_000_000} megapixels and again for the rest; also how many such jobs run at once in "
         f"each (default: {default_threads()} on this machine)",
     )
+    g = p.add_argument_group(
+        "mode auto (adaptive DualFocus: the micro pass and fusion run only when the macro answer is unsure)"
+    )
+    g.add_argument(
+        "--zoom-threshold",
+        type=_share,
+        default=d.zoom_threshold,
+        metavar="0-1",
+        help="zoom when the macro answer's confidence (the geometric-mean probability of its tokens) is below "
+        "this: 0 never zooms, 1 nearly always; a request may set its own (dualfocus.zoom_threshold). "
+        "Provisional default, to be calibrated on a trained model (default: %(default)s)",
+    )
+    g.add_argument(
+        "--zoom-max-box-area",
+        type=_share,
+        default=d.zoom_max_box_area,
+        metavar="0-1",
+        help="zoom only into boxes covering at most this share of the image: a bigger box gives the micro pass "
+        "nearly the picture the macro pass saw; 1 lifts the limit (default: %(default)s)",
+    )
 
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
 
 
@@ -131,6 +159,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         extra={"kv_events_config": args.kv_events_config} if args.kv_events_config else {},
         max_images_per_request=args.max_images_per_request,
         image_threads=args.image_threads,
+        zoom_threshold=args.zoom_threshold,
+        zoom_max_box_area=args.zoom_max_box_area,
     )
 
 
@@ -189,7 +219,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="answer one question in-process through the engine and print the trace")
     p.add_argument("--image", help="image file (default: a synthetic scene)")
     p.add_argument("--question", default="What colour is the square?", help="default: %(default)r")
-    p.add_argument("--mode", choices=["dualfocus", "macro"], default="dualfocus", help="default: %(default)s")
+    p.add_argument(
+        "--mode",
+        choices=list(MODES),
+        default="dualfocus",
+        help="dualfocus (always zoom), auto (zoom when unsure) or macro (one pass) (default: %(default)s)",
+    )
     p.add_argument("--max-tokens", type=int, default=32, help="default: %(default)s")
     add_engine_args(p)
     p.set_defaults(func=cmd_demo)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .gate import DEFAULT_MAX_BOX_AREA, DEFAULT_THRESHOLD, check_share
+
 DEFAULT_MODEL = "tiny-llava"
 
 
@@ -38,8 +40,16 @@ class EngineConfig:
     max_images_per_request: int = 4
     # Threads per lane for image work (engine/image_work.py); None: one per two cores, at most 4.
     image_threads: int | None = None
+    # Mode auto's gate (engine/gate.py): zoom only when the macro answer's confidence is below
+    # zoom_threshold and the box covers at most zoom_max_box_area of the image. Provisional values.
+    zoom_threshold: float = DEFAULT_THRESHOLD
+    zoom_max_box_area: float = DEFAULT_MAX_BOX_AREA
     # Any further vllm.AsyncEngineArgs field, passed through unchanged.
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_share("zoom_threshold", self.zoom_threshold)
+        check_share("zoom_max_box_area", self.zoom_max_box_area)
 
     def resolve_model(self) -> str:
         # A name of engine/tiny.py's means "build it if missing" (tiny-dualfocus: the trained one in training/):

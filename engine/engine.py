@@ -15,6 +15,7 @@ from typing import Any
 
 from .config import EngineConfig
 from .families import FamilyAdapter, make_adapter
+from .gate import ZoomGate
 from .image_work import ImageWorkers
 from .program import run_dualfocus, run_single_pass
 from .protocol import EngineCounters, ModelInfo
@@ -75,6 +76,11 @@ class DualFocusEngine:
         ids = self.adapter.prompt(self.adapter.conversation_prefix([], 0), "warm up")
         await self.runner.score(ids, [], ids[-2:], f"warmup-{uuid.uuid4().hex}")
 
+    def zoom_gate(self, query: Query) -> ZoomGate:
+        """Mode auto's gate: the request's own threshold if it set one, else the engine's."""
+        threshold = self.config.zoom_threshold if query.zoom_threshold is None else query.zoom_threshold
+        return ZoomGate(threshold, self.config.zoom_max_box_area)
+
     def shutdown(self) -> None:
         self.image_workers.shutdown()
         self.runner.shutdown()
@@ -98,4 +104,8 @@ class DualFocusEngine:
         self.runner.pin_replica()
         if query.runs_as == "dualfocus":
             return await run_dualfocus(self.runner, self.adapter, self.image_workers, query, request_id, started)
+        if query.runs_as == "auto":
+            return await run_dualfocus(
+                self.runner, self.adapter, self.image_workers, query, request_id, started, self.zoom_gate(query)
+            )
         return await run_single_pass(self.runner, self.adapter, self.image_workers, query, request_id, started, on_text)

@@ -14,6 +14,11 @@
     5. fuse: identical answers stand; otherwise score both as replies to a
        prompt sharing the micro prompt's prefix; lower perplexity wins
 
+Mode auto (adaptive DualFocus) runs 1-2 as above, then asks the zoom gate
+(engine/gate.py) whether zooming pays: only if the macro answer is unsure and
+the box gives a small enough crop do 3-5 run. A confident macro answer that
+arrives before the box aborts the box pass.
+
 Family details (templates, box format, coordinates) come from the adapter; the
 passes run on the pass runner (engine/runner.py), which knows vLLM.
 """
@@ -28,11 +33,12 @@ from PIL import Image
 
 from .families import FamilyAdapter
 from .fusion import decide, parse_question, pick_by_score
-from .geometry import plan_crop, sorted_box
+from .gate import ZoomGate, box_area, confidence
+from .geometry import CropPlan, plan_crop, sorted_box
 from .image_work import ImageWorkers
 from .query import Query
 from .runner import PRIORITY_NEW, PRIORITY_STARTED, ModelImage, PassOutput, PassRunner
-from .trace import BoxTrace, CropTrace, OnText, Result, StageStats, Trace
+from .trace import BoxTrace, CropTrace, GateTrace, OnText, Result, StageStats, Trace
 
 
 async def run_dualfocus(
@@ -42,7 +48,11 @@ async def run_dualfocus(
     query: Query,
     request_id: str,
     started: asyncio.Event,
+    gate: ZoomGate | None = None,
 ) -> Result:
+    """Mode dualfocus (no `gate`): zoom whenever the box gives a crop, the micro pass running
+    beside the macro pass. Mode auto: zoom only when `gate` says it pays (engine/gate.py), so
+    the micro pass waits for the macro answer; a confident one settles it without the box."""
     images = query.all_images
     assert images, "DualFocus needs an image (Query.runs_as)"
     # The box names a region of the most recent image: the one the question is most likely about.
@@ -55,12 +65,17 @@ async def run_dualfocus(
     )
     prefix = adapter.conversation_prefix(query.history, len(query.images))
 
-    def answer_params():  # a fresh copy per pass: vLLM takes ownership of the params it is given
-        return runner.answer_params(query.sampling)
+    def answer_params(token_logprobs: bool = False):  # a fresh copy per pass: vLLM owns the params it is given
+        return runner.answer_params(query.sampling, token_logprobs)
 
     question = parse_question(query.question)  # stem and, for multiple choice, options
     # The box prompt asks about the question itself; its answer options are not a region.
     box_prompt = adapter.box_prompt(prefix, question.stem)
+    box: PassOutput | None = None
+    box_trace: BoxTrace | None = None
+    plan: CropPlan | None = None
+    area: float | None = None  # the box's share of the image
+    gate_trace: GateTrace | None = None
     micro: PassOutput | None = None
     crop: ModelImage | None = None
     crop_trace = None
@@ -82,25 +97,58 @@ async def run_dualfocus(
             runner.generate(
                 adapter.macro_prompt(prefix, query.question),
                 shown,
-                answer_params(),
+                answer_params(token_logprobs=gate is not None),  # the gate reads the answer's confidence
                 f"{request_id}-macro",
                 PRIORITY_STARTED,
             )
         )
-        box = await box_task
+
+        # 2b. Auto: a confident macro answer is kept whatever the box, so if it comes first the
+        # box pass is aborted (vLLM frees its KV blocks).
+        box_aborted = False
+        if gate is not None:
+            await asyncio.wait({macro_task, box_task}, return_when=asyncio.FIRST_COMPLETED)
+            if macro_task.done() and not box_task.done() and gate.confident(_confidence(adapter, macro_task.result())):
+                box_task.cancel()
+                await asyncio.wait({box_task})
+                box_aborted = box_task.cancelled()  # else it finished meanwhile: its box is traced
+        if not box_aborted:
+            box = await box_task
 
         # 3. Crop.
-        parsed = adapter.parse_box(box.text, width, height)
-        plan = plan_crop(parsed.pixels, width, height) if parsed else None
-        box_trace = BoxTrace(
-            box.text,
-            parsed.normalized if parsed else None,
-            _rounded(sorted_box(parsed.pixels)) if parsed else None,
-            plan.outcome if plan else "unparsed",
-        )
+        if box is not None:
+            parsed = adapter.parse_box(box.text, width, height)
+            plan = plan_crop(parsed.pixels, width, height) if parsed else None
+            box_trace = BoxTrace(
+                box.text,
+                parsed.normalized if parsed else None,
+                _rounded(sorted_box(parsed.pixels)) if parsed else None,
+                plan.outcome if plan else "unparsed",
+            )
+            area = box_area(sorted_box(parsed.pixels), width, height) if parsed else None
 
-        # 4. Micro pass, if there is a crop to look at.
-        if plan is not None and plan.rect is not None:
+        # 3b. Auto: the gate decides from the macro answer's confidence and the box.
+        if gate is not None:
+            macro_confidence = _confidence(adapter, await macro_task)
+            verdict = gate.decide(
+                macro_confidence,
+                box_trace.outcome if box_trace is not None else "aborted",
+                plan is not None and plan.usable,
+                area,
+            )
+            gate_trace = GateTrace(
+                verdict.zoom,
+                verdict.why,
+                round(macro_confidence, 6),
+                gate.threshold,
+                None if area is None else round(area, 6),
+                gate.max_box_area,
+                box_aborted,
+            )
+
+        # 4. Micro pass, if there is a crop to look at (and, in mode auto, the gate says zoom).
+        if plan is not None and plan.rect is not None and (gate_trace is None or gate_trace.zoomed):
+            assert box is not None
             crop = await model_image(workers, adapter, original, plan.rect, image_ids[zoomed])
             crop_trace = CropTrace(plan.rect)
             micro = await runner.generate(
@@ -113,18 +161,24 @@ async def run_dualfocus(
         macro = await macro_task
 
     trace = Trace(
-        mode="dualfocus",
+        mode="dualfocus" if gate is None else "auto",
         chosen="macro",
         why="",
         macro_answer=macro.text,
         box=box_trace,
         crop=crop_trace,
         zoomed_image=zoomed,
-        stages={"macro": macro.stats(), "box": box.stats()},
+        gate=gate_trace,
+        stages={"macro": macro.stats(), **({"box": box.stats()} if box is not None else {})},
     )
+    if gate_trace is not None and not gate_trace.zoomed:
+        trace.why = f"no zoom: {gate_trace.why}"
+        return _result(adapter, query, macro, trace)
     if micro is None or crop is None:
+        assert box_trace is not None
         trace.why = f"no micro pass: box {box_trace.outcome}"
-        return _result(adapter, macro, trace)
+        return _result(adapter, query, macro, trace)
+    assert box is not None
     trace.micro_answer = micro.text
     trace.stages["micro"] = micro.stats()
 
@@ -150,7 +204,7 @@ async def run_dualfocus(
         fusion = sum((task.result()[1] for task in scored.values()), StageStats())
         fusion.ms = (time.perf_counter() - t0) * 1000  # wall time: the two scorings run side by side
         trace.stages["fusion"] = fusion
-    return _result(adapter, micro if trace.chosen == "micro" else macro, trace)
+    return _result(adapter, query, micro if trace.chosen == "micro" else macro, trace)
 
 
 async def run_single_pass(
@@ -180,7 +234,7 @@ async def run_single_pass(
     )
     why = "macro mode: one pass" if images else "no image: one plain pass"
     trace = Trace(mode="macro", chosen="macro", why=why, macro_answer=out.text, stages={"macro": out.stats()})
-    return _result(adapter, out, trace)
+    return _result(adapter, query, out, trace)
 
 
 async def model_image(
@@ -204,10 +258,20 @@ async def model_image(
     return await workers.run(prepare, pixels=width * height)
 
 
-def _result(adapter: FamilyAdapter, chosen: PassOutput, trace: Trace) -> Result:
-    # Logprobs for the answer's tokens: the stop token that ended it is not part of the text.
-    logprobs = chosen.logprobs[: len(adapter.strip_stop(chosen.token_ids))] if chosen.logprobs is not None else None
+def _result(adapter: FamilyAdapter, query: Query, chosen: PassOutput, trace: Trace) -> Result:
+    # Logprobs for the answer's tokens, if the request asked for them (mode auto's gate asks for the
+    # macro pass's own): the stop token that ended it is not part of the text.
+    logprobs = None
+    if query.sampling.logprobs is not None and chosen.logprobs is not None:
+        logprobs = chosen.logprobs[: len(adapter.strip_stop(chosen.token_ids))]
     return Result(chosen.text, chosen.finish_reason, trace, logprobs)
+
+
+def _confidence(adapter: FamilyAdapter, answer: PassOutput) -> float:
+    """The gate's confidence in an answer: over its tokens' logprobs, the stop token left out."""
+    assert answer.logprobs is not None, "the pass was run without token logprobs"
+    tokens = adapter.strip_stop(answer.token_ids)
+    return confidence([entry.logprob for entry in answer.logprobs[: len(tokens)]])
 
 
 class _tasks(asyncio.TaskGroup):

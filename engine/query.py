@@ -13,6 +13,7 @@ from typing import Literal
 
 from PIL import Image
 
+from .gate import check_share
 from .trace import Mode
 
 Role = Literal["system", "user", "assistant"]
@@ -62,9 +63,14 @@ class Query:
     # caches images by are then derived from it, instead of hashing the decoded pixels (a second of
     # CPU for 35 megapixels). None: the pixels are hashed.
     image_ids: list[str | None] = field(default_factory=list)
+    # Mode auto: zoom only below this confidence of the macro answer (engine/gate.py), 0-1;
+    # None: the engine's --zoom-threshold.
+    zoom_threshold: float | None = None
 
     def __post_init__(self) -> None:
         _check_ids(self.images, self.image_ids)
+        if self.zoom_threshold is not None:
+            check_share("zoom_threshold", self.zoom_threshold)
 
     @property
     def all_images(self) -> list[Image.Image]:

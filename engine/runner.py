@@ -129,8 +129,10 @@ class PassRunner:
 
     # --- sampling parameters ----------------------------------------------------------------
 
-    def answer_params(self, s: Sampling) -> Any:
-        """Fresh parameters for an answer pass (vLLM takes ownership of the ones it is given)."""
+    def answer_params(self, s: Sampling, token_logprobs: bool = False) -> Any:
+        """Fresh parameters for an answer pass (vLLM takes ownership of the ones it is given).
+        `token_logprobs`: the sampled tokens' logprobs too (PassOutput.logprobs), even if the
+        request did not ask for logprobs (mode auto's gate reads them)."""
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
@@ -150,7 +152,8 @@ class PassRunner:
                 presence_penalty=s.presence_penalty,
                 frequency_penalty=s.frequency_penalty,
                 logit_bias=s.logit_bias,
-                logprobs=s.logprobs,
+                # 0: only the sampled token's logprob; a request's own top-k include it.
+                logprobs=0 if token_logprobs and s.logprobs is None else s.logprobs,
                 structured_outputs=structured,
             )
         except Exception as e:

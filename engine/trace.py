@@ -8,7 +8,9 @@ from typing import Literal, get_args
 
 from .fusion import Chosen
 
-Mode = Literal["dualfocus", "macro"]
+# dualfocus: always zoom (when the box allows); auto: zoom only when the gate says it pays
+# (engine/gate.py); macro: one plain pass.
+Mode = Literal["dualfocus", "auto", "macro"]
 # engine/geometry.py's outcomes, and "unparsed" when the reply held no box.
 BoxOutcome = Literal["ok", "degenerate", "outside", "empty", "unparsed"]
 STAGES = ("macro", "box", "micro", "fusion")
@@ -16,6 +18,8 @@ STAGES = ("macro", "box", "micro", "fusion")
 MODES: tuple[Mode, ...] = get_args(Mode)
 CHOICES: tuple[Chosen, ...] = get_args(Chosen)
 BOX_OUTCOMES: tuple[BoxOutcome, ...] = get_args(BoxOutcome)
+ZoomDecision = Literal["zoom", "skip"]
+ZOOM_DECISIONS: tuple[ZoomDecision, ...] = get_args(ZoomDecision)
 
 
 @dataclass
@@ -61,6 +65,23 @@ class CropTrace:
 
 
 @dataclass
+class GateTrace:
+    """Mode auto: whether the request zoomed, and why (engine/gate.py)."""
+
+    zoomed: bool
+    why: str  # confident | unsure | box <outcome> | box covers most of the image
+    confidence: float  # the macro answer's geometric-mean token probability
+    threshold: float  # zoom only below this confidence
+    box_area: float | None  # the box's share of the image; None without a box
+    max_box_area: float  # zoom only into boxes covering at most this share
+    box_aborted: bool  # the gate decided before the box pass ended, and aborted it
+
+    @property
+    def decision(self) -> ZoomDecision:
+        return "zoom" if self.zoomed else "skip"
+
+
+@dataclass
 class Trace:
     mode: Mode
     chosen: Chosen
@@ -72,6 +93,7 @@ class Trace:
     scores: dict[str, float] | None = None  # mean token NLL per candidate; lower wins
     # Which image the box and crop are on: its index among the conversation's images, in order.
     zoomed_image: int | None = None
+    gate: GateTrace | None = None  # mode auto only
     stages: dict[str, StageStats] = field(default_factory=dict)
 
     def to_dict(self) -> dict:

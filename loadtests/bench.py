@@ -327,8 +327,11 @@ def ratios(s: dict) -> dict:
                                          if d["prompt_tokens_per_request"] else None)
     if top is not None and ran("ours-auto") and top in s["ours-auto"]:
         a = s["ours-auto"][top]
-        # A question zoomed when its trace has a micro stage.
-        out["auto_zoom_share"] = a.get("stages", {}).get("micro", {}).get("count", 0) / a["ok"] if a["ok"] else None
+        if "zoom" in a:  # the gate's decisions, from the traces
+            decided = a["zoom"]["zoomed"] + a["zoom"]["skipped"]
+            out["auto_zoom_share"] = a["zoom"]["zoomed"] / decided if decided else None
+        else:  # a question zoomed when its trace has a micro stage
+            out["auto_zoom_share"] = a.get("stages", {}).get("micro", {}).get("count", 0) / a["ok"] if a["ok"] else None
     return out
 
 
@@ -498,6 +501,10 @@ def report(results: dict, shape: str, path, image: str) -> str:
                   + (f"{v['computed_tokens_mean']:.0f} | {v['prompt_tokens_mean']:.0f}" if "computed_tokens_mean" in v
                      else "- | -") + f" | {v['cached_ratio']:.2f} |" for stage, v in stages.items()]
         lines += ["", f"Answers chosen: {s[name][top].get('chosen')}."]
+        if s[name][top].get("zoom"):
+            z = s[name][top]["zoom"]
+            lines.append(f"The gate: zoomed {z['zoomed']}, answered from the macro pass {z['skipped']} "
+                         f"(why: {z['why']}), box pass aborted {z['box_aborted']}.")
     if shape == "tiny":
         lines += ["", "Conversations (three questions about one image, in turn, against independent requests): "
                   "[conversation-bench.md](conversation-bench.md)."]

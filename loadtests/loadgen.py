@@ -34,8 +34,7 @@ SYSTEMS = ("ours", "stock-chat", "stock-dualfocus")
 def request_fn(system: str, client, model: str, mode: str, max_tokens: int, stream: bool,
                zoom_threshold: float | None = None):
     if system == "ours":
-        options = {"zoom_threshold": zoom_threshold} if zoom_threshold is not None else None
-        return lambda item: systems.ours(client, model, item, mode, max_tokens, stream, options)
+        return lambda item: systems.ours(client, model, item, mode, max_tokens, stream, zoom_threshold)
     if system == "stock-chat":
         return lambda item: systems.stock_chat(client, model, item, max_tokens, stream)
     if system == "stock-dualfocus":
@@ -117,6 +116,11 @@ def summarize(samples: list[systems.Sample], wall_s: float) -> dict:
                                 "computed_tokens_mean": (prompt - sum(r.cached_tokens for r in rows)) / len(rows)}
         out["stages"] = stages
         out["chosen"] = {c: sum(t.chosen == c for t in traces) for c in ("macro", "micro", "same")}
+        gates = [t.gate for t in traces if t.gate]
+        if gates:  # mode auto: how often it zoomed, why not, and how often the box pass was aborted
+            out["zoom"] = {"zoomed": sum(g.zoomed for g in gates), "skipped": sum(not g.zoomed for g in gates),
+                           "why": {why: sum(g.why == why for g in gates) for why in sorted({g.why for g in gates})},
+                           "box_aborted": sum(g.box_aborted for g in gates)}
     return out
 
 
@@ -150,8 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("--api-key", default="none")
     p.add_argument("--model", help="model name (default: the server's first)")
     p.add_argument("--system", choices=SYSTEMS, default="ours", help="what a request is (default: %(default)s)")
-    p.add_argument("--mode", choices=["dualfocus", "macro", "auto"], default="dualfocus", help="for --system ours")
-    p.add_argument("--zoom-threshold", type=float, help="for --mode auto: the gate's threshold (default: the server's)")
+    p.add_argument("--mode", choices=["dualfocus", "auto", "macro"], default="dualfocus", help="for --system ours")
+    p.add_argument("--zoom-threshold", type=float, help="with --mode auto: each request's (default: the server's)")
     p.add_argument("--stream", action="store_true", help="stream responses (TTFT is measured then)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--concurrency", type=int, default=None, help="closed loop: requests in flight (default 1)")
@@ -186,7 +190,8 @@ def main(argv=None) -> int:
 
     samples, wall = asyncio.run(go())
     result = {"command": " ".join(sys.argv), "git": git_revision(), "machine": machine(),
-              "system": args.system, "mode": args.mode, "concurrency": args.concurrency, "rate": args.rate,
+              "system": args.system, "mode": args.mode, "zoom_threshold": args.zoom_threshold,
+              "concurrency": args.concurrency, "rate": args.rate,
               "stream": args.stream, "summary": summarize(samples, wall)}
     text = json.dumps(result, indent=2)
     if args.out:

@@ -1,6 +1,6 @@
 """What one benchmark request is, per system under test.
 
-- `ours`: one chat request to this service (`dualfocus`, `macro` or `auto` mode), trace on.
+- `ours`: one chat request to this service (mode `dualfocus`, `auto` or `macro`), trace on.
 - `stock_chat`: one plain chat request to any OpenAI-compatible server (stock vLLM).
 - `stock_dualfocus`: the DualFocus steps orchestrated by a client over stock vLLM's OpenAI
   server, as a user without this project would: box (structured outputs) and macro at once,
@@ -46,11 +46,13 @@ def _user(text: str, *image_urls: str) -> dict:
 
 
 async def ours(client: openai.AsyncOpenAI, model: str, item: Item, mode: str, max_tokens: int,
-               stream: bool, options: dict | None = None) -> Sample:
-    """`options`: more fields of the `dualfocus` extension (e.g. mode auto's zoom_threshold)."""
+               stream: bool, zoom_threshold: float | None = None) -> Sample:
     t0 = time.perf_counter()
+    options: dict = {"mode": mode, "return_trace": True}
+    if zoom_threshold is not None:  # mode auto: this request's threshold
+        options["zoom_threshold"] = zoom_threshold
     kwargs = dict(model=model, max_tokens=max_tokens, messages=[_user(item.question, item.image_url)],
-                  extra_body={"dualfocus": {"mode": mode, "return_trace": True, **(options or {})}})
+                  extra_body={"dualfocus": options})
     if not stream:
         r = await client.chat.completions.create(**kwargs)
         u = r.usage

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Literal
 
 from engine.cli import add_engine_args, engine_config
+from engine.trace import MODES
 
 from .logs import configure_logging
 from .settings import ServerSettings
@@ -66,6 +67,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=d.drain_seconds,
         help="on SIGTERM, how long in-flight requests may finish (default: %(default)s)",
     )
+    p.add_argument(
+        "--default-mode",
+        choices=list(MODES),
+        default=d.default_mode,
+        help="the mode of requests whose dualfocus extension names none: dualfocus (always zoom), auto (zoom "
+        "only when the macro answer is unsure, see --zoom-threshold) or macro (one pass); requests without "
+        "an image run one pass whatever the mode (default: %(default)s)",
+    )
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -85,6 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             allowed_local_media_path=args.allowed_local_media_path,
             max_inflight_requests=args.max_inflight_requests,
             drain_seconds=args.drain_seconds,
+            default_mode=args.default_mode,
         )
     )
 

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from engine import EngineCounters, Result
-from engine.trace import BOX_OUTCOMES, CHOICES, MODES, STAGES
+from engine.trace import BOX_OUTCOMES, CHOICES, MODES, STAGES, ZOOM_DECISIONS
 
 from .images import IMAGE_REFUSALS
 
@@ -57,6 +57,12 @@ class ServerMetrics:
         self.box_outcomes = Counter(
             "dualfocus_box_outcomes", "What became of the box pass's box", ["outcome"], registry=r
         )
+        self.zoom_decisions = Counter(
+            "dualfocus_zoom_decisions",
+            "Mode auto: whether the gate zoomed (micro pass and fusion) or kept the macro answer",
+            ["decision"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("dualfocus_prompt_tokens", "Prompt tokens by stage", ["stage"], registry=r)
         self.cached_tokens = Counter(
             "dualfocus_cached_prompt_tokens", "Prompt tokens served by the prefix cache", ["stage"], registry=r
@@ -79,15 +85,19 @@ class ServerMetrics:
             self.fusion.labels(chosen)
         for outcome in BOX_OUTCOMES:
             self.box_outcomes.labels(outcome)
+        for decision in ZOOM_DECISIONS:
+            self.zoom_decisions.labels(decision)
         for refusal in IMAGE_REFUSALS:
             self.image_errors.labels(refusal)
 
     def record_result(self, result: Result) -> None:
         t = result.trace
-        if t.mode == "dualfocus":
+        if t.gate is not None:
+            self.zoom_decisions.labels(t.gate.decision).inc()
+        if t.box is not None:  # mode auto's box pass may have been aborted
+            self.box_outcomes.labels(t.box.outcome).inc()
+        if t.mode == "dualfocus" or (t.gate is not None and t.gate.zoomed):  # answers that went through fusion
             self.fusion.labels(t.chosen).inc()
-            if t.box is not None:
-                self.box_outcomes.labels(t.box.outcome).inc()
         for stage, stats in t.stages.items():
             self.stage_seconds.labels(stage).observe(stats.ms / 1000)
             self.prompt_tokens.labels(stage).inc(stats.prompt_tokens)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine import EngineConfig
+from engine.trace import Mode
 
 
 @dataclass
@@ -21,6 +22,8 @@ class ServerSettings:
     allowed_local_media_path: str | None = None  # file:// images only under this folder; None: off
     max_inflight_requests: int = 64
     drain_seconds: float = 30.0
+    # The mode of requests that name none (dualfocus.mode); requests without an image run one pass anyway.
+    default_mode: Mode = "dualfocus"
 
     @property
     def model_name(self) -> str:

@@ -7,10 +7,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from engine import EngineCounters, ModelInfo, Query, Result
+from engine import EngineCounters, ModelInfo, Query, Result, Sampling, TokenLogprob
 from engine.image_work import ImageWorkers
 from engine.runner import PassOutput
-from engine.trace import BoxTrace, CropTrace, OnText, StageStats, Trace
+from engine.trace import BoxTrace, CropTrace, GateTrace, OnText, StageStats, Trace
 
 
 def dualfocus_result(answer: str = "a red square") -> Result:
@@ -22,6 +22,20 @@ def dualfocus_result(answer: str = "a red square") -> Result:
         crop=CropTrace((39, 55, 217, 233)), scores={"macro": 2.5, "micro": 1.25}, zoomed_image=0,
         stages={"macro": StageStats(10.0, 600, 512, 3), "box": StageStats(8.0, 620, 0, 12),
                 "micro": StageStats(12.3456, 1300, 640, 4), "fusion": StageStats(5.0, 2600, 2400, 2)}))
+
+
+def auto_result(zoomed: bool) -> Result:
+    """A finished request in mode auto: zoomed (as dualfocus_result) or the macro answer kept,
+    its box pass aborted."""
+    if zoomed:
+        result = dualfocus_result()
+        result.trace.mode = "auto"
+        result.trace.gate = GateTrace(True, "unsure", 0.25, 0.5, 0.08, 0.5, False)
+        return result
+    return Result("a square", "stop", Trace(
+        mode="auto", chosen="macro", why="no zoom: confident", macro_answer="a square", zoomed_image=0,
+        gate=GateTrace(False, "confident", 0.875, 0.5, None, 0.5, True),
+        stages={"macro": StageStats(10.0, 600, 512, 3)}))
 
 
 def single_pass_result(answer: str, mode_why: str = "no image: one plain pass") -> Result:
@@ -62,6 +76,8 @@ class FakeEngine:
                 return await self.behaviour(query)
             if query.runs_as == "dualfocus":
                 return dualfocus_result()
+            if query.runs_as == "auto":
+                return auto_result(zoomed=False)
             answer = "Hello there"
             for end in (3, 7, len(answer)):
                 await asyncio.sleep(0)
@@ -107,20 +123,30 @@ class Pass:
     params: object
 
 
+# The logprob the fake runner gives a stop token: far from any scripted token's, so a confidence
+# that counted it would show.
+STOP_LOGPROB = -9.0
+
+
 class FakeRunner:
     """The pass runner's interface (engine/runner.py), answering from a script: `replies` maps a
     pass kind (box, macro, micro) to its text, or to an exception to raise; `nll` maps a scored
-    candidate (macro, micro) to its score. `hold` names passes that wait until cancelled."""
+    candidate (macro, micro) to its score. `hold` names passes that wait until cancelled; `delay`
+    maps a pass kind to seconds it takes. `token_logprob` maps an answer pass kind to the logprob
+    of each of its reply's tokens (default 0), given when the pass asks for logprobs; the stop
+    token gets STOP_LOGPROB."""
 
     def __init__(self, replies: dict[str, str | Exception], nll: dict[str, float] | None = None,
-                 hold: tuple[str, ...] = ()):
+                 hold: tuple[str, ...] = (), delay: dict[str, float] | None = None,
+                 token_logprob: dict[str, float] | None = None):
         self.replies, self.nll, self.hold = replies, nll or {}, hold
+        self.delay, self.token_logprob = delay or {}, token_logprob or {}
         self.passes: list[Pass] = []
         self.scored: dict[str, list[int]] = {}  # candidate -> the reply ids scored
         self.cancelled: list[str] = []
 
-    def answer_params(self, sampling: object) -> object:
-        return ("answer", sampling)
+    def answer_params(self, sampling: Sampling, token_logprobs: bool = False) -> object:
+        return ("answer", sampling, token_logprobs)
 
     def box_params(self, regex: str | None = None) -> object:
         return ("box", regex)
@@ -136,6 +162,7 @@ class FakeRunner:
                 started.set()
             if kind in self.hold:
                 await asyncio.Event().wait()
+            await asyncio.sleep(self.delay.get(kind, 0))
             reply = self.replies[kind]
             if isinstance(reply, Exception):
                 raise reply
@@ -143,7 +170,12 @@ class FakeRunner:
             self.cancelled.append(kind)
             raise
         ids = [ord(c) + 10 for c in reply] + [CharTokenizer.eos_token_id]
-        return PassOutput(prompt_ids, ids, reply, "stop", cached_tokens=len(prompt_ids) // 2, ms=1.0)
+        logprobs = None
+        if isinstance(params, tuple) and params[0] == "answer" and (params[2] or params[1].logprobs is not None):
+            logprob = self.token_logprob.get(kind, 0.0)
+            logprobs = [TokenLogprob(c, logprob, []) for c in reply] + [TokenLogprob("</s>", STOP_LOGPROB, [])]
+        return PassOutput(prompt_ids, ids, reply, "stop", cached_tokens=len(prompt_ids) // 2, ms=1.0,
+                          logprobs=logprobs)
 
     async def score(self, prefix_ids: list[int], images: list, reply_ids: list[int],
                     request_id: str) -> tuple[float, StageStats]:

@@ -5,6 +5,7 @@ client disconnects, loading and engine failure, and /metrics of a fresh app."""
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -26,7 +27,7 @@ from engine.errors import (
 from server.app import create_app
 from server.settings import ServerSettings
 
-from .fakes import FakeEngine, blocked_forever, single_pass_result
+from .fakes import FakeEngine, auto_result, blocked_forever, single_pass_result
 
 MODEL = "tiny"
 
@@ -129,7 +130,7 @@ async def test_the_answer_usage_and_trace_come_back_in_openais_shape():
             "box": {"text": "[0.10, 0.20, 0.30, 0.40]", "normalized": [0.1, 0.2, 0.3, 0.4],
                     "pixels": [64, 96, 192, 192], "outcome": "ok"},
             "crop": {"width": 178, "height": 178, "rect": [39, 55, 217, 233]},
-            "scores": {"macro": 2.5, "micro": 1.25}, "zoomed_image": 0,
+            "scores": {"macro": 2.5, "micro": 1.25}, "zoomed_image": 0, "gate": None,
             "stages": {"macro": {"ms": 10.0, "prompt_tokens": 600, "cached_tokens": 512},
                        "box": {"ms": 8.0, "prompt_tokens": 620, "cached_tokens": 0},
                        "micro": {"ms": 12.346, "prompt_tokens": 1300, "cached_tokens": 640},
@@ -458,7 +459,7 @@ async def test_a_fresh_apps_metrics_show_every_known_series_at_zero():
     engine = FakeEngine(retries=2, scoring_recomputes=1)
     async with serving(engine, max_inflight_requests=7) as (_, http):
         text = (await http.get("/metrics")).text
-        zero = {"dualfocus_requests_total": [{"mode": m, "status": s} for m in ("dualfocus", "macro")
+        zero = {"dualfocus_requests_total": [{"mode": m, "status": s} for m in ("dualfocus", "auto", "macro")
                                              for s in ("ok", "error", "cancelled")],
                 "dualfocus_rejected_requests_total": [{"reason": r} for r in
                                                       ("queue_full", "not_ready", "engine_dead", "unauthorized")],
@@ -472,7 +473,8 @@ async def test_a_fresh_apps_metrics_show_every_known_series_at_zero():
                 "dualfocus_prompt_tokens_total": [{"stage": s} for s in ("macro", "box", "micro", "fusion")],
                 "dualfocus_cached_prompt_tokens_total": [{"stage": s} for s in ("macro", "box", "micro", "fusion")],
                 "dualfocus_stage_seconds_count": [{"stage": s} for s in ("macro", "box", "micro", "fusion")],
-                "dualfocus_request_seconds_count": [{"mode": m} for m in ("dualfocus", "macro")]}
+                "dualfocus_zoom_decisions_total": [{"decision": d} for d in ("zoom", "skip")],
+                "dualfocus_request_seconds_count": [{"mode": m} for m in ("dualfocus", "auto", "macro")]}
         for name, label_sets in zero.items():
             for labels in label_sets:
                 assert metric(text, name, **labels) == 0, (name, labels)
@@ -496,9 +498,104 @@ def test_the_wire_trace_names_the_same_values_as_the_engines_trace():
     # are written out, and must stay the engine's.
     from typing import get_args
 
-    from engine.trace import BOX_OUTCOMES, CHOICES, MODES
-    from server.chat_completions.protocol import BoxTrace, DualFocusTrace
+    from engine.trace import BOX_OUTCOMES, CHOICES, MODES, GateTrace
+    from server.chat_completions.protocol import BoxTrace, DualFocusOptions, DualFocusTrace
+    from server.chat_completions.protocol import GateTrace as WireGateTrace
 
     assert get_args(DualFocusTrace.model_fields["mode"].annotation) == MODES
+    assert get_args(get_args(DualFocusOptions.model_fields["mode"].annotation)[0]) == MODES
+    assert list(WireGateTrace.model_fields) == [f.name for f in dataclasses.fields(GateTrace)]
     assert get_args(DualFocusTrace.model_fields["chosen"].annotation) == CHOICES
     assert get_args(BoxTrace.model_fields["outcome"].annotation) == BOX_OUTCOMES
+
+
+# --- mode auto -----------------------------------------------------------------------------------
+
+async def test_mode_auto_and_its_threshold_reach_the_engine_and_the_trace_says_why():
+    async with serving() as (app, http):
+        engine = app.state.engine
+        response = await sdk(http).chat.completions.create(
+            model=MODEL, messages=user("What colour is the square?", png_url()),
+            extra_body={"dualfocus": {"mode": "auto", "zoom_threshold": 0.25, "return_trace": True}})
+        q = engine.queries[-1]
+        assert q.mode == "auto" and q.runs_as == "auto" and q.zoom_threshold == 0.25
+        assert response.choices[0].message.content == "a square"
+        assert response.dualfocus["mode"] == "auto" and response.dualfocus["why"] == "no zoom: confident"
+        assert response.dualfocus["gate"] == {"zoomed": False, "why": "confident", "confidence": 0.875,
+                                              "threshold": 0.5, "box_area": None, "max_box_area": 0.5,
+                                              "box_aborted": True}
+        assert response.dualfocus["box"] is None and list(response.dualfocus["stages"]) == ["macro"]
+        # Without a threshold, the engine's own applies (None); other modes have no gate in their trace.
+        await http.post("/v1/chat/completions", json=body("Hi.", png_url(), dualfocus={"mode": "auto"}))
+        assert engine.queries[-1].zoom_threshold is None
+        raw = (await http.post("/v1/chat/completions", json=body("Hi.", png_url(), dualfocus={"return_trace": True}))
+               ).json()
+        assert raw["dualfocus"]["mode"] == "dualfocus" and raw["dualfocus"]["gate"] is None
+
+
+@pytest.mark.parametrize("options, param, says", [
+    ({"mode": "auto", "zoom_threshold": 1.5}, "dualfocus.zoom_threshold", "less than or equal to 1"),
+    ({"mode": "auto", "zoom_threshold": -0.1}, "dualfocus.zoom_threshold", "greater than or equal to 0"),
+    ({"mode": "auto", "zoom_threshold": "high"}, "dualfocus.zoom_threshold", "valid number"),
+    ({"mode": "dualfocus", "zoom_threshold": 0.5}, "dualfocus.zoom_threshold", "applies to mode auto only"),
+    ({"zoom_threshold": 0.5}, "dualfocus.zoom_threshold", "mode dualfocus (the server's default)"),
+    ({"mode": "zoom"}, "dualfocus.mode", "'dualfocus', 'auto' or 'macro'"),
+])
+async def test_a_bad_mode_or_threshold_is_a_400_naming_it(options, param, says):
+    async with serving() as (app, http):
+        r = await http.post("/v1/chat/completions", json=body("Hi.", png_url(), dualfocus=options))
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == param and says in error["message"], error
+        assert app.state.engine.queries == []
+
+
+async def test_the_default_mode_applies_to_requests_that_name_none():
+    async with serving(default_mode="auto") as (app, http):
+        engine = app.state.engine
+        await http.post("/v1/chat/completions", json=body("Hi.", png_url(), dualfocus={"zoom_threshold": 0.75}))
+        assert engine.queries[-1].mode == "auto" and engine.queries[-1].zoom_threshold == 0.75
+        await http.post("/v1/chat/completions", json=body("Hi.", png_url(), dualfocus={"mode": "dualfocus"}))
+        assert engine.queries[-1].mode == "dualfocus"  # a request's own mode wins
+        await http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi."}]})
+        assert engine.queries[-1].mode == "auto" and engine.queries[-1].runs_as == "macro"  # no image: one pass
+        text = (await http.get("/metrics")).text
+        # Counted by the mode they ran in.
+        assert [metric(text, "dualfocus_requests_total", mode=m, status="ok") for m in ("dualfocus", "auto", "macro")
+                ] == [1, 1, 1]
+
+
+def test_the_serve_command_takes_the_default_mode_and_the_gate_flags():
+    from clients.cli import build_parser
+    from engine.cli import engine_config
+
+    args = build_parser().parse_args(["serve", "--default-mode", "auto", "--zoom-threshold", "0.3",
+                                      "--zoom-max-box-area", "0.7"])
+    assert args.default_mode == "auto"
+    config = engine_config(args)
+    assert (config.zoom_threshold, config.zoom_max_box_area) == (0.3, 0.7)
+    defaults = build_parser().parse_args(["serve"])
+    assert defaults.default_mode == "dualfocus" and engine_config(defaults).zoom_threshold == 0.5
+    for bad in (["--zoom-threshold", "2"], ["--default-mode", "zoom"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", *bad])
+
+
+async def test_zoom_decisions_are_counted_and_fusion_only_when_it_ran():
+    results = iter([auto_result(zoomed=True), auto_result(zoomed=False), auto_result(zoomed=False)])
+
+    async def scripted(query):
+        return next(results)
+
+    async with serving(FakeEngine(behaviour=scripted)) as (_, http):
+        for _ in range(3):
+            r = await http.post("/v1/chat/completions", json=body("Hi.", png_url(), dualfocus={"mode": "auto"}))
+            assert r.status_code == 200
+        text = (await http.get("/metrics")).text
+        assert metric(text, "dualfocus_zoom_decisions_total", decision="zoom") == 1
+        assert metric(text, "dualfocus_zoom_decisions_total", decision="skip") == 2
+        assert metric(text, "dualfocus_requests_total", mode="auto", status="ok") == 3
+        # Fusion ran once (micro won); the kept macro answers went through no fusion.
+        assert metric(text, "dualfocus_fusion_decisions_total", chosen="micro") == 1
+        assert metric(text, "dualfocus_fusion_decisions_total", chosen="macro") == 0
+        assert metric(text, "dualfocus_box_outcomes_total", outcome="ok") == 1  # the aborted boxes: none
+        assert metric(text, "dualfocus_stage_seconds_count", stage="box") == 1

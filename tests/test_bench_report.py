@@ -67,7 +67,9 @@ def test_ratios_at_every_level_and_at_the_top_one():
     assert q["ours_vs_reference"] == 8.0
     assert q["computed_vs_no_sharing"] == 0.32
     assert q["auto_vs_macro"] == 0.8 and q["auto_vs_dualfocus"] == 2.0
-    assert q["auto_zoom_share"] == 0.3
+    assert q["auto_zoom_share"] == 0.3  # from the micro stages when the summary has no gate counts
+    s["ours-auto"]["4"]["zoom"] = {"zoomed": 1, "skipped": 3, "why": {}, "box_aborted": 2}
+    assert bench.ratios(s)["auto_zoom_share"] == 0.25
 
 
 def test_a_system_not_run_gives_no_ratio_and_the_report_says_why():

@@ -141,3 +141,27 @@ def test_cli_says_clearly_what_went_wrong(server, tmp_path):
     assert out.returncode == 1 and "cannot reach the DualFocus server" in out.stderr
     out = _cli(str(tmp_path / "ok.png"), "q", "--url", server.base_url, "--api-key", "wrong")
     assert out.returncode == 1 and "401" in out.stderr
+
+
+def test_mode_auto_from_the_client_and_the_cli(client, server, tmp_path):
+    image = scene(seed=51)
+    kept = client.ask(image, "What colour is the square?", mode="auto", zoom_threshold=0.0, max_tokens=6)
+    assert kept.mode == "auto" and kept.gate.threshold == 0.0 and not kept.gate.zoomed
+    assert kept.gate.why == "confident" and 0 < kept.gate.confidence <= 1
+    assert kept.micro_answer is None and "micro" not in kept.stages and kept.answer == kept.macro_answer
+    with pytest.raises(BadRequest, match="zoom_threshold"):
+        client.ask(image, "What colour is the square?", mode="auto", zoom_threshold=1.5)
+
+    image.save(tmp_path / "in.png")
+    out = _cli(str(tmp_path / "in.png"), "What colour is the square?", "--url", server.base_url, "--api-key", KEY,
+               "--max-tokens", "6", "--mode", "auto", "--zoom-threshold", "0")
+    assert out.returncode == 0, out.stderr
+    (zoom_row,) = [line for line in out.stdout.splitlines() if line.startswith("zoom")]
+    assert zoom_row.split(None, 1)[1].startswith("no: confident (confidence ") and "threshold 0.0" in zoom_row
+    as_json = json.loads(_cli(str(tmp_path / "in.png"), "What colour is the square?", "--url", server.base_url,
+                              "--api-key", KEY, "--max-tokens", "6", "--mode", "auto", "--zoom-threshold", "1",
+                              "--json").stdout)
+    assert as_json["mode"] == "auto" and as_json["gate"]["threshold"] == 1.0
+    # Threshold 1: the gate zooms unless the box gives nothing to zoom into (random weights draw any box).
+    assert as_json["gate"]["zoomed"] == (as_json["micro_answer"] is not None)
+    assert as_json["gate"]["zoomed"] or as_json["gate"]["why"].startswith("box")

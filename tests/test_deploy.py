@@ -324,6 +324,7 @@ def test_dashboard_shows_what_the_issue_asks_for():
         "dualfocus_time_to_first_token_seconds_bucket",
         "dualfocus_queue_depth", "dualfocus_inflight_requests",
         "dualfocus_fusion_decisions_total", "dualfocus_box_outcomes_total",
+        "dualfocus_zoom_decisions_total",  # mode auto: how often it zooms
         "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",  # prefix-cache hit ratio
         "vllm:kv_cache_usage_perc",
     } <= used

@@ -374,3 +374,39 @@ async def test_json_schema_answers_in_both_passes(engine):
     t = result.trace
     for answer in (t.macro_answer, t.micro_answer, result.answer):
         assert json.loads(answer)["colour"] in ("red", "blue", "grey")
+
+
+async def test_auto_zooms_at_threshold_one_and_keeps_the_macro_answer_at_zero(engine, monkeypatch):
+    # Random weights draw boxes of any size: lift the box-size limit, so the threshold alone decides.
+    monkeypatch.setattr(engine.config, "zoom_max_box_area", 1.0)
+    image = scene(seed=4)
+
+    def ask(threshold, **sampling):
+        return engine.answer(Query(QUESTIONS[0], [image], mode="auto", zoom_threshold=threshold,
+                                   sampling=Sampling(**sampling)))
+
+    zoomed = await ask(1.0, max_tokens=12)
+    t = zoomed.trace
+    assert t.mode == "auto" and t.gate.zoomed and t.gate.why == "unsure" and t.gate.threshold == 1.0
+    assert 0 < t.gate.confidence < 1 and not t.gate.box_aborted and zoomed.logprobs is None
+    assert {"box", "macro", "micro"} <= set(t.stages) and t.micro_answer is not None and t.crop is not None
+    assert t.box.outcome in ("ok", "degenerate") and 0 <= t.gate.box_area <= 1
+    assert zoomed.answer == (t.micro_answer if t.chosen == "micro" else t.macro_answer)
+
+    # Threshold 0: the macro answer stands; the confidence is that of its own token logprobs.
+    kept = await ask(0.0, max_tokens=12, logprobs=0)
+    t = kept.trace
+    assert t.mode == "auto" and not t.gate.zoomed and t.gate.why == "confident" and t.why == "no zoom: confident"
+    assert "micro" not in t.stages and t.micro_answer is None and t.crop is None and kept.answer == t.macro_answer
+    assert kept.logprobs and t.gate.confidence == pytest.approx(
+        math.exp(sum(e.logprob for e in kept.logprobs) / len(kept.logprobs)), rel=1e-4)
+    assert t.macro_answer == zoomed.trace.macro_answer  # greedy: the same macro pass
+    assert (t.box is None) == t.gate.box_aborted
+
+    # A one-token answer is ready long before the box (a dozen grammar-guided tokens): its pass is aborted.
+    short = await ask(0.0, max_tokens=1)
+    t = short.trace
+    assert t.gate.box_aborted and t.box is None and set(t.stages) == {"macro"} and short.answer == t.macro_answer
+    assert engine.num_unfinished_sequences == 0  # the aborted box pass is gone from vLLM
+    again = await ask(1.0, max_tokens=12)  # and the engine serves on, the box's prefix cached
+    assert again.trace.gate.zoomed and again.trace.stages["box"].cached_tokens > 0

@@ -2,11 +2,13 @@
 which prompts, and what is answered, for the cases a model rarely produces on demand. No vLLM."""
 
 import asyncio
+import math
 
 import pytest
 from PIL import Image
 
 from engine.errors import GenerationFailedError
+from engine.gate import ZoomGate
 from engine.families.llava import LlavaAdapter
 from engine.image_work import ImageWorkers
 from engine.program import run_dualfocus, run_single_pass
@@ -130,3 +132,92 @@ async def test_a_single_pass_streams_its_text_and_has_no_image_without_one(adapt
     (only,) = runner.passes
     assert only.image_sizes == [] and only.prompt_ids == adapter.macro_prompt(adapter.conversation_prefix([], 0), "Say hello.")
     assert result.answer == "hello" and result.trace.mode == "macro" and result.trace.why == "no image: one plain pass"
+
+
+# --- mode auto: the zoom gate (engine/gate.py) ---------------------------------------------------
+
+async def run_auto(runner, adapter, threshold, max_box_area=0.5, **query):
+    return await run_dualfocus(runner, adapter, WORKERS, Query("What colour is the square?", [IMAGE], mode="auto",
+                                                               **query),
+                               "r1", asyncio.Event(), ZoomGate(threshold, max_box_area))
+
+
+UNSURE = math.log(0.3)  # each macro token's logprob: confidence 0.3
+
+
+async def test_auto_at_threshold_one_zooms_an_unsure_answer_and_fuses(adapter):
+    runner = FakeRunner({"box": BOX, "macro": "red", "micro": "crimson"}, nll={"macro": 2.0, "micro": 1.0},
+                        token_logprob={"macro": UNSURE})
+    result = await run_auto(runner, adapter, threshold=1.0)
+    assert [p.kind for p in runner.passes] == ["box", "macro", "micro", "score-macro", "score-micro"]
+    t = result.trace
+    assert t.mode == "auto" and t.chosen == "micro" and result.answer == "crimson" and t.micro_answer == "crimson"
+    g = t.gate
+    assert g.zoomed and g.why == "unsure" and g.threshold == 1.0 and not g.box_aborted
+    assert g.confidence == pytest.approx(0.3)  # the stop token (STOP_LOGPROB) left out
+    assert g.box_area == pytest.approx(128 * 96 / (640 * 480)) and g.max_box_area == 0.5
+    assert t.crop.rect == (39, 55, 217, 233) and set(t.stages) == {"box", "macro", "micro", "fusion"}
+    # The gate asked for the macro answer's token logprobs, and only for those.
+    macro, micro = (next(p for p in runner.passes if p.kind == k) for k in ("macro", "micro"))
+    assert macro.params[2] is True and micro.params[2] is False
+
+
+async def test_auto_at_threshold_zero_keeps_the_macro_answer_without_a_micro_pass(adapter):
+    runner = FakeRunner({"box": BOX, "macro": "red"}, token_logprob={"macro": UNSURE})
+    result = await run_auto(runner, adapter, threshold=0.0)
+    assert [p.kind for p in runner.passes] == ["box", "macro"]  # the box came first: nothing to abort
+    t = result.trace
+    assert result.answer == "red" and t.chosen == "macro" and t.why == "no zoom: confident"
+    assert t.micro_answer is None and t.crop is None and t.scores is None and set(t.stages) == {"box", "macro"}
+    assert t.box.outcome == "ok"  # still traced: it was there when the gate decided
+    assert not t.gate.zoomed and t.gate.confidence == pytest.approx(0.3) and t.gate.threshold == 0.0
+    assert not t.gate.box_aborted and runner.cancelled == []
+
+
+@pytest.mark.parametrize("threshold, zoomed", [(0.29, False), (0.31, True)])
+async def test_auto_between_zooms_below_the_threshold_only(adapter, threshold, zoomed):
+    runner = FakeRunner({"box": BOX, "macro": "red", "micro": "red"}, token_logprob={"macro": UNSURE})
+    result = await run_auto(runner, adapter, threshold=threshold)
+    assert result.trace.gate.zoomed is zoomed and ("micro" in [p.kind for p in runner.passes]) is zoomed
+    assert result.trace.gate.why == ("unsure" if zoomed else "confident")
+
+
+async def test_a_confident_macro_answer_before_the_box_aborts_the_box_pass(adapter):
+    runner = FakeRunner({"macro": "red"}, hold=("box",), token_logprob={"macro": math.log(0.9)})
+    result = await run_auto(runner, adapter, threshold=0.5)
+    assert runner.cancelled == ["box"]  # cancelled: the runner aborts it in vLLM
+    t = result.trace
+    assert result.answer == "red" and t.chosen == "macro" and t.why == "no zoom: confident"
+    assert t.gate.box_aborted and t.gate.confidence == pytest.approx(0.9) and t.gate.box_area is None
+    assert t.box is None and t.crop is None and set(t.stages) == {"macro"}
+
+
+async def test_an_unsure_macro_answer_before_the_box_waits_for_it_then_zooms(adapter):
+    runner = FakeRunner({"box": BOX, "macro": "red", "micro": "red"}, delay={"box": 0.05},
+                        token_logprob={"macro": UNSURE})
+    result = await run_auto(runner, adapter, threshold=0.5)
+    assert runner.cancelled == [] and [p.kind for p in runner.passes] == ["box", "macro", "micro"]
+    assert result.trace.gate.zoomed and not result.trace.gate.box_aborted and result.trace.box.outcome == "ok"
+
+
+@pytest.mark.parametrize("box, why", [("no box here", "box unparsed"), ("[1.20, 1.30, 1.50, 1.60]", "box outside"),
+                                      ("[0.00, 0.00, 0.90, 0.90]", "box covers most of the image")])
+async def test_an_unsure_answer_is_kept_when_the_box_gives_nothing_worth_zooming_into(adapter, box, why):
+    runner = FakeRunner({"box": box, "macro": "red"}, token_logprob={"macro": UNSURE})
+    result = await run_auto(runner, adapter, threshold=1.0)
+    assert [p.kind for p in runner.passes] == ["box", "macro"]
+    assert result.trace.gate.why == why and result.trace.why == f"no zoom: {why}" and result.answer == "red"
+
+
+async def test_auto_returns_logprobs_only_when_the_request_asked(adapter):
+    runner = FakeRunner({"box": BOX, "macro": "red"}, token_logprob={"macro": UNSURE})
+    assert (await run_auto(runner, adapter, threshold=0.0)).logprobs is None
+    result = await run_auto(runner, adapter, threshold=0.0, sampling=Sampling(logprobs=2))
+    assert [e.token for e in result.logprobs] == ["r", "e", "d"]  # the answer's tokens, not the stop token
+
+
+async def test_dualfocus_mode_asks_for_no_logprobs_and_has_no_gate(adapter):
+    runner = FakeRunner({"box": BOX, "macro": "red", "micro": "red"})
+    result = await run(runner, adapter)
+    assert result.trace.gate is None and result.trace.mode == "dualfocus" and result.logprobs is None
+    assert next(p for p in runner.passes if p.kind == "macro").params[2] is False

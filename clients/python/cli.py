@@ -22,7 +22,18 @@ def add_parser(sub) -> None:
         help="server address (default: $DUALFOCUS_URL or %(default)s)",
     )
     p.add_argument("--api-key", default=os.environ.get("DUALFOCUS_API_KEY"), help="default: $DUALFOCUS_API_KEY")
-    p.add_argument("--mode", choices=["dualfocus", "macro"], default="dualfocus", help="default: %(default)s")
+    p.add_argument(
+        "--mode",
+        choices=["dualfocus", "auto", "macro"],
+        help="dualfocus (always zoom), auto (zoom only when the macro answer is unsure) or macro (one pass) "
+        "(default: the server's --default-mode)",
+    )
+    p.add_argument(
+        "--zoom-threshold",
+        type=float,
+        metavar="0-1",
+        help="mode auto: zoom when the macro answer's confidence is below this (default: the server's)",
+    )
     p.add_argument("--max-tokens", type=int, default=128, help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     p.add_argument("--draw", metavar="OUT.png", help="write the image with the box, the crop and an inset of it")
@@ -40,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     client = DualFocusClient(args.url, api_key=args.api_key, max_retries=0)
     try:
-        result = client.ask(args.image, args.question, mode=args.mode, max_tokens=args.max_tokens)
+        result = client.ask(
+            args.image, args.question, mode=args.mode, max_tokens=args.max_tokens, zoom_threshold=args.zoom_threshold
+        )
     except DualFocusError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -59,10 +72,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gate_row(g) -> str:
+    aborted = ", box pass aborted" if g.box_aborted else ""
+    return f"{'yes' if g.zoomed else 'no'}: {g.why} (confidence {g.confidence:.3f}, threshold {g.threshold}{aborted})"
+
+
 def trace_table(r) -> str:
     rows = [
         ("mode", r.mode),
         ("chosen", f"{r.chosen}: {r.why}"),
+        ("zoom", _gate_row(r.gate) if r.gate else None),
         ("macro answer", r.macro_answer),
         ("micro answer", r.micro_answer),
         ("box", f"{r.box_text} -> pixels {r.box}" if r.box_text else None),

@@ -44,16 +44,28 @@ def image_data_url(image: ImageInput) -> str:
 
 
 def _request(
-    model: str, image: ImageInput | None, question: str, mode: str, max_tokens: int, trace: bool, **sampling
+    model: str,
+    image: ImageInput | None,
+    question: str,
+    mode: str | None,
+    max_tokens: int,
+    trace: bool,
+    zoom_threshold: float | None = None,
+    **sampling,
 ) -> dict:
     content: list[dict[str, Any]] = [{"type": "text", "text": question}]
     if image is not None:
         content.append({"type": "image_url", "image_url": {"url": image_data_url(image)}})
+    options: dict[str, Any] = {"return_trace": trace}
+    if mode is not None:  # else the server's default mode
+        options["mode"] = mode
+    if zoom_threshold is not None:  # else the server's
+        options["zoom_threshold"] = zoom_threshold
     return dict(
         model=model,
         max_tokens=max_tokens,
         messages=[{"role": "user", "content": content}],
-        extra_body={"dualfocus": {"mode": mode, "return_trace": trace}},
+        extra_body={"dualfocus": options},
         **sampling,
     )
 
@@ -92,13 +104,16 @@ class DualFocusClient:
         self,
         image: ImageInput | None,
         question: str,
-        mode: str = "dualfocus",
+        mode: str | None = None,
         max_tokens: int = 128,
         trace: bool = True,
+        zoom_threshold: float | None = None,
         **sampling,
     ) -> AskResult:
-        """Ask one question about one image (None: a text-only question)."""
-        request = _request(self.model, image, question, mode, max_tokens, trace, **sampling)
+        """Ask one question about one image (None: a text-only question). `mode`: dualfocus (always
+        zoom), auto (zoom only when the macro answer is unsure, below `zoom_threshold` if given, else
+        the server's) or macro (one pass); None: the server's default mode."""
+        request = _request(self.model, image, question, mode, max_tokens, trace, zoom_threshold, **sampling)
         try:
             return AskResult.from_response(self._openai.chat.completions.create(**request))
         except openai.OpenAIError as e:
@@ -148,12 +163,14 @@ class AsyncDualFocusClient:
         self,
         image: ImageInput | None,
         question: str,
-        mode: str = "dualfocus",
+        mode: str | None = None,
         max_tokens: int = 128,
         trace: bool = True,
+        zoom_threshold: float | None = None,
         **sampling,
     ) -> AskResult:
-        request = _request(await self.model(), image, question, mode, max_tokens, trace, **sampling)
+        """As DualFocusClient.ask."""
+        request = _request(await self.model(), image, question, mode, max_tokens, trace, zoom_threshold, **sampling)
         try:
             return AskResult.from_response(await self._openai.chat.completions.create(**request))
         except openai.OpenAIError as e:

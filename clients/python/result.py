@@ -23,6 +23,19 @@ class Usage:
 
 
 @dataclass
+class Gate:
+    """Mode auto: whether the request zoomed, and why."""
+
+    zoomed: bool
+    why: str  # confident | unsure | box <outcome> | box covers most of the image
+    confidence: float  # the macro answer's geometric-mean token probability
+    threshold: float
+    box_area: float | None  # the box's share of the image
+    max_box_area: float
+    box_aborted: bool  # decided before the box pass ended, which was aborted
+
+
+@dataclass
 class AskResult:
     answer: str
     usage: Usage
@@ -36,6 +49,7 @@ class AskResult:
     crop: tuple[int, int, int, int] | None = None  # the region the micro pass saw
     scores: dict[str, float] | None = None
     stages: dict[str, StageTiming] = field(default_factory=dict)
+    gate: Gate | None = None  # mode auto only
 
     @classmethod
     def from_response(cls, response: Any) -> AskResult:
@@ -55,5 +69,6 @@ class AskResult:
             result.box_text = t.box.text if t.box else None
             result.crop = t.crop.rect if t.crop else None
             result.scores = t.scores
+            result.gate = Gate(**t.gate.model_dump()) if t.gate else None
             result.stages = {name: StageTiming(s.ms, s.prompt_tokens, s.cached_tokens) for name, s in t.stages.items()}
         return result

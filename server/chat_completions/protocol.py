@@ -64,9 +64,24 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
+Mode = Literal["dualfocus", "auto", "macro"]
+
+
 class DualFocusOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["dualfocus", "macro"] = "dualfocus"
+    mode: Mode | None = Field(
+        default=None,
+        description="dualfocus: always zoom; auto: zoom only when the macro answer is unsure; macro: one pass. "
+        "Default: the server's --default-mode (dualfocus unless set)",
+    )
+    zoom_threshold: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="mode auto: zoom when the macro answer's confidence is below this (0 never zooms, 1 nearly "
+        "always); default: the server's --zoom-threshold",
+    )
     return_trace: bool = False
 
 
@@ -125,10 +140,22 @@ class StageTrace(BaseModel):
     cached_tokens: int = Field(description="prompt tokens served by the prefix cache")
 
 
+class GateTrace(BaseModel):
+    """Mode auto: whether the request zoomed (micro pass and fusion), and why."""
+
+    zoomed: bool
+    why: str = Field(description="confident | unsure | box <outcome> | box covers most of the image")
+    confidence: float = Field(description="the macro answer's geometric-mean token probability, 0-1")
+    threshold: float = Field(description="zoom only below this confidence")
+    box_area: float | None = Field(description="the box's share of the image; null without a box")
+    max_box_area: float = Field(description="zoom only into boxes covering at most this share of the image")
+    box_aborted: bool = Field(description="the gate decided before the box pass ended, and aborted it")
+
+
 class DualFocusTrace(BaseModel):
     """The `dualfocus` field of a response (or of a stream's last chunk) with return_trace."""
 
-    mode: Literal["dualfocus", "macro"]
+    mode: Mode
     chosen: Literal["macro", "micro", "same"]
     why: str
     macro_answer: str
@@ -139,6 +166,7 @@ class DualFocusTrace(BaseModel):
     zoomed_image: int | None = Field(
         default=None, description="which of the conversation's images (0-based, in order) the box and crop are on"
     )
+    gate: GateTrace | None = Field(default=None, description="mode auto only: the zoom gate's decision")
     stages: dict[str, StageTrace] = Field(description="per stage: macro, box, micro, fusion (those that ran)")
 
     @classmethod
@@ -156,6 +184,17 @@ class DualFocusTrace(BaseModel):
             crop=None if t.crop is None else CropTrace(width=t.crop.width, height=t.crop.height, rect=t.crop.rect),
             scores=t.scores,
             zoomed_image=t.zoomed_image,
+            gate=None
+            if t.gate is None
+            else GateTrace(
+                zoomed=t.gate.zoomed,
+                why=t.gate.why,
+                confidence=t.gate.confidence,
+                threshold=t.gate.threshold,
+                box_area=t.gate.box_area,
+                max_box_area=t.gate.max_box_area,
+                box_aborted=t.gate.box_aborted,
+            ),
             stages={
                 name: StageTrace(ms=round(s.ms, 3), prompt_tokens=s.prompt_tokens, cached_tokens=s.cached_tokens)
                 for name, s in t.stages.items()

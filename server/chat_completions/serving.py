@@ -72,13 +72,23 @@ async def to_query(req: ChatCompletionRequest, settings: ServerSettings, engine:
         json_schema=fmt.json_schema.schema_ if fmt and fmt.type == "json_schema" and fmt.json_schema else None,
         json_object=bool(fmt and fmt.type == "json_object"),
     )
+    options = req.dualfocus
+    mode = options.mode or settings.default_mode
+    if options.zoom_threshold is not None and mode != "auto":
+        raise APIError(
+            400,
+            f"dualfocus.zoom_threshold applies to mode auto only; this request runs in mode {mode}"
+            + ("" if options.mode else " (the server's default)"),
+            param="dualfocus.zoom_threshold",
+        )
     return Query(
         question.text,
         question.images,
-        mode=req.dualfocus.mode,
+        mode=mode,
         sampling=sampling,
         history=history,
         image_ids=question.image_ids,
+        zoom_threshold=options.zoom_threshold,
     )
 
 

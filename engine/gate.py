@@ -1,0 +1,81 @@
+"""The zoom gate of mode auto: zoom only when it pays.
+
+The gate reads signals the engine has for free, after the box and macro passes:
+
+- the macro answer's confidence: the geometric-mean probability of its tokens,
+  exp(mean token logprob), the stop token left out. It is the inverse of the answer's
+  perplexity, the measure fusion already ranks answers by (engine/fusion.py), and unlike
+  a product of probabilities it does not fall with the answer's length. The logprobs are
+  vLLM's raw ones (before temperature and penalties): the model's own belief;
+- whether the box parsed into a usable crop (engine/geometry.py);
+- the box's share of the image: a box covering most of it zooms in on nearly the same
+  picture, so the micro pass would see little the macro pass did not.
+
+The request zooms (micro pass and fusion, as mode dualfocus) iff the answer is unsure
+(confidence < threshold), the crop is usable, and the box is small enough. A confident answer
+needs no box, so the gate can decide before the box pass ends (the program then aborts it).
+Threshold 0 never zooms; threshold 1 zooms unless every token was certain.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Provisional defaults, chosen before calibration on a trained model (docs/performance.md).
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_MAX_BOX_AREA = 0.5
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    zoom: bool
+    # confident | unsure | box <outcome> (unparsed, outside, empty) | box covers most of the image
+    why: str
+
+
+@dataclass(frozen=True)
+class ZoomGate:
+    threshold: float = DEFAULT_THRESHOLD  # zoom only below this confidence, 0-1
+    max_box_area: float = DEFAULT_MAX_BOX_AREA  # zoom only into boxes covering at most this share of the image
+
+    def __post_init__(self) -> None:
+        check_share("zoom threshold", self.threshold)
+        check_share("max box area", self.max_box_area)
+
+    def confident(self, confidence: float) -> bool:
+        """Confident enough to keep the macro answer, whatever the box says."""
+        return confidence >= self.threshold
+
+    def decide(self, confidence: float, box_outcome: str, crop_usable: bool, box_area: float | None) -> GateDecision:
+        """Zoom or not, from the macro answer's confidence and the box (its outcome, whether it
+        gives a crop, its share of the image; the outcome is "aborted" for a box pass not waited for)."""
+        if self.confident(confidence):
+            return GateDecision(False, "confident")
+        if not crop_usable or box_area is None:
+            return GateDecision(False, f"box {box_outcome}")
+        if box_area > self.max_box_area:
+            return GateDecision(False, "box covers most of the image")
+        return GateDecision(True, "unsure")
+
+
+def confidence(token_logprobs: Sequence[float]) -> float:
+    """The geometric-mean probability of an answer's tokens; 0 for an empty answer (nothing to
+    be confident about)."""
+    if not token_logprobs:
+        return 0.0
+    return math.exp(sum(token_logprobs) / len(token_logprobs))
+
+
+def box_area(box: tuple[float, float, float, float], width: int, height: int) -> float:
+    """The share of a width x height image a box (pixels, sorted) covers, the part outside left out."""
+    x1, y1, x2, y2 = box
+    inside_w = max(0.0, min(x2, width) - max(x1, 0.0))
+    inside_h = max(0.0, min(y2, height) - max(y1, 0.0))
+    return inside_w * inside_h / (width * height)
+
+
+def check_share(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
