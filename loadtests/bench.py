@@ -79,11 +79,20 @@ SHAPES = {
 }
 
 
+# vLLM gives up on a model step after 300 s by default (the engine dies); on a 2-core machine shared with other
+# work, a batch of compute-shape prefills has taken longer (seen in a smoke run beside a training job).
+STEP_TIMEOUT = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "1800"}
+
+
 def start(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    process = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    deadline = time.time() + 300
+    """Start a server in a process group of its own (stop() ends the group: vLLM's engine-core and worker
+    processes too) and wait until /health answers."""
+    env = {**STEP_TIMEOUT, **(env or os.environ)}
+    process = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.time() + 600  # a 100M-parameter model on a loaded 2-core machine took over 300 s
     while time.time() < deadline:
         if process.poll() is not None:
+            stop(process)
             raise RuntimeError(f"{cmd[:4]} exited with {process.returncode}; see {log}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
@@ -91,16 +100,26 @@ def start(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = Non
         except httpx.TransportError:
             pass
         time.sleep(1)
-    process.kill()
+    stop(process)
     raise RuntimeError(f"{cmd[:4]} not ready; see {log}")
 
 
 def stop(process: subprocess.Popen) -> None:
-    process.terminate()
+    """SIGTERM to the server (it drains and stops its engine), then SIGKILL to whatever is left of its group."""
+    _signal_group(process, signal.SIGTERM)
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        process.kill()
+        pass
+    _signal_group(process, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:  # the group is gone
+        pass
 
 
 def measure(port: int, system: str, mode: str, shape: Shape, levels: list[int], items, warmup, max_tokens: int,

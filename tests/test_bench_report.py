@@ -132,3 +132,29 @@ def test_the_compute_shape_model_has_llava_1_5_image_tokens_and_a_100m_class_lan
     vision_params = sum(p.numel() for p in model.model.vision_tower.parameters())
     assert vision_params < counted / 100  # the vision tower stays tiny: the language model is the work
     assert TINY_LLAVA_TEXT.parameters(len(tokenizer)) < 3e6
+
+
+def test_stopping_a_server_ends_its_children_too(tmp_path):
+    # As vLLM's engine core outlives a server that exits: a child that ignores SIGTERM.
+    import subprocess
+    import time
+
+    pidfile = tmp_path / "child"
+    script = f"(trap '' TERM; exec sleep 300) & echo $! > {pidfile}; wait"
+    server = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    bench.stop(server)
+    assert server.returncode is not None
+
+    def state() -> str:  # "" once reaped, "Z" while a dead child waits for init to reap it
+        try:
+            return (Path("/proc") / str(child) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return ""
+
+    deadline = time.time() + 10
+    while state() not in ("", "Z") and time.time() < deadline:
+        time.sleep(0.05)
+    assert state() in ("", "Z")
