@@ -204,6 +204,13 @@ def main(argv=None) -> int:
     if args.baseline:
         results["baseline"] = {"git": git_short(args.baseline)}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers it started
+    complete = set(ALL_SYSTEMS) <= run_systems and set(SHAPES) <= set(shape_names)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_path = ROOT / "loadtests" / "results" / f"bench-{'' if complete else 'partial-'}{stamp}.json"
+
+    def save() -> None:  # after every system: a run that fails or is stopped keeps what it measured
+        out_path.write_text(json.dumps(results, indent=2))
+
     for name in shape_names:
         shape = SHAPES[name]
         levels = [int(x) for x in args.levels.split(",")] if args.levels else list(shape.levels)
@@ -211,11 +218,11 @@ def main(argv=None) -> int:
         if args.requests:
             shape = dataclasses.replace(shape, requests=(args.requests, 0))
         print(f"shape {name}: {shape.model}", flush=True)
-        results["shapes"][name] = run_shape(shape, levels, questions, run_systems, args, results["command"])
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    complete = set(ALL_SYSTEMS) <= run_systems and set(SHAPES) <= set(shape_names)
-    out_path = ROOT / "loadtests" / "results" / f"bench-{'' if complete else 'partial-'}{stamp}.json"
-    out_path.write_text(json.dumps(results, indent=2))
+        results["shapes"][name] = {}
+        try:
+            run_shape(shape, levels, questions, run_systems, args, results["command"], results["shapes"][name], save)
+        finally:
+            save()
     print(f"wrote {out_path}", flush=True)
     for name, r in results["shapes"].items():
         print(f"shape {name}: " + json.dumps(r["ratios"]), flush=True)
@@ -225,8 +232,8 @@ def main(argv=None) -> int:
 
 
 def run_shape(shape: Shape, levels: list[int], reference_questions: int, run_systems: set[str], args,
-              command: str) -> dict:
-    """Every selected system at one shape: the shape's part of the results."""
+              command: str, out: dict, save) -> None:
+    """Every selected system at one shape, into `out` (the shape's part of the results; save() after each)."""
     from engine.tiny import ensure_tiny
 
     path = ensure_tiny(shape.model)  # built here once, before any server starts (bench-llava-576: seconds)
@@ -239,9 +246,9 @@ def run_shape(shape: Shape, levels: list[int], reference_questions: int, run_sys
     options = {"zoom_threshold": args.zoom_threshold} if args.zoom_threshold is not None else None
     logs = ROOT / "loadtests" / "results" / "tmp"
     logs.mkdir(parents=True, exist_ok=True)
-    out = {"model": shape.model, "levels": levels, "lm_parameters": lm_parameters(path),
-           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average_1m": {"start": os.getloadavg()[0]},
-           "systems": {}}
+    out.update({"model": shape.model, "levels": levels, "lm_parameters": lm_parameters(path),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average_1m": {"start": os.getloadavg()[0]},
+                "systems": {}})
 
     servers = [("ours", None)] + ([("baseline", args.baseline)] if args.baseline else [])
     for name, commit in servers:
@@ -259,6 +266,7 @@ def run_shape(shape: Shape, levels: list[int], reference_questions: int, run_sys
                     out["systems"][f"{name}-{mode}"] = measure(args.port, "ours", mode, shape, levels, items[mode],
                                                                warmup, args.max_tokens,
                                                                options if mode == "auto" else None)
+                    save()
                 if name == "ours" and shape.name == "tiny" and {"dualfocus", "macro"} <= set(modes):
                     print("this service: conversations (loadtests/conversation.py)", flush=True)
                     conversation.run(args.port, conversations=8, concurrency=4, max_tokens=args.max_tokens,
@@ -279,6 +287,7 @@ def run_shape(shape: Shape, levels: list[int], reference_questions: int, run_sys
                 mode = "dualfocus" if name == "stock-dualfocus" else "macro"
                 out["systems"][name] = measure(args.port, name, mode, shape, levels, items[mode], warmup,
                                                args.max_tokens)
+                save()
         finally:
             stop(stock)
 
@@ -290,7 +299,6 @@ def run_shape(shape: Shape, levels: list[int], reference_questions: int, run_sys
         out["systems"]["reference-hf"] = json.loads(ref.stdout)["summary"]
     out["load_average_1m"]["end"] = os.getloadavg()[0]
     out["ratios"] = ratios(out["systems"])
-    return out
 
 
 def lm_parameters(path: Path) -> int:
@@ -312,6 +320,15 @@ def _rps(summary: dict) -> float:
     return summary["requests_per_s"]
 
 
+def _div(a: float | None, b: float | None) -> float | None:
+    """a / b, None when either is missing or b is 0 (a system with no successful request)."""
+    return a / b if a is not None and b else None
+
+
+def _p50(summary: dict) -> float | None:
+    return summary["latency_s"].get("p50")
+
+
 def ratios(s: dict) -> dict:
     """The comparisons of one shape's systems (None where a system did not run), at every level for (1) and at
     the highest level measured for the rest (the reference way runs one question at a time: any level)."""
@@ -324,26 +341,25 @@ def ratios(s: dict) -> dict:
     out["top_level"] = top
     if ran("ours-dualfocus") and ran("stock-dualfocus"):
         out["ours_vs_stock_dualfocus"] = {
-            c: {"throughput": _rps(s["ours-dualfocus"][c]) / _rps(s["stock-dualfocus"][c]),
-                "p50": s["ours-dualfocus"][c]["latency_s"]["p50"] / s["stock-dualfocus"][c]["latency_s"]["p50"]}
+            c: {"throughput": _div(_rps(s["ours-dualfocus"][c]), _rps(s["stock-dualfocus"][c])),
+                "p50": _div(_p50(s["ours-dualfocus"][c]), _p50(s["stock-dualfocus"][c]))}
             for c in levels if c in s["stock-dualfocus"]}
 
     def at_top(a: str, b: str) -> float | None:
         if top is None or not (ran(a) and ran(b)) or top not in s[a] or top not in s[b]:
             return None
-        return _rps(s[a][top]) / _rps(s[b][top]) if _rps(s[b][top]) else None
+        return _div(_rps(s[a][top]), _rps(s[b][top]))
 
     out["dualfocus_vs_macro"] = at_top("ours-dualfocus", "ours-macro")
     out["macro_vs_stock_chat"] = at_top("ours-macro", "stock-chat")
     out["auto_vs_macro"] = at_top("ours-auto", "ours-macro")
     out["auto_vs_dualfocus"] = at_top("ours-auto", "ours-dualfocus")
-    out["ours_vs_reference"] = (_rps(s["ours-dualfocus"][top]) / _rps(s["reference-hf"])
+    out["ours_vs_reference"] = (_div(_rps(s["ours-dualfocus"][top]), _rps(s["reference-hf"]))
                                 if top is not None and ran("reference-hf") else None)
     if top is not None:
         d = s["ours-dualfocus"][top]
         # No sharing: every pass computes its whole prompt (what the same passes cost with no prefix cache).
-        out["computed_vs_no_sharing"] = (d["computed_prompt_tokens_per_request"] / d["prompt_tokens_per_request"]
-                                         if d["prompt_tokens_per_request"] else None)
+        out["computed_vs_no_sharing"] = _div(d["computed_prompt_tokens_per_request"], d["prompt_tokens_per_request"])
     if top is not None and ran("ours-auto") and top in s["ours-auto"]:
         a = s["ours-auto"][top]
         if "zoom" in a:  # the gate's decisions, from the traces
@@ -433,7 +449,7 @@ def plot(results: dict, shape: str, path: Path) -> None:
 
 def _verdict(value: float | None, target: float, at_least: bool = True, unit: str = "x") -> str:
     if value is None:
-        return "not run"
+        return "no figure (a system did not run or had no successful request)"
     met = value >= target if at_least else value <= target
     return f"{value:.2f}{unit} ({'met' if met else 'missed'})"
 
@@ -450,7 +466,7 @@ def report(results: dict, shape: str, path, image: str) -> str:
         return s[name][c]["requests_per_s"]
 
     def p50(name, c):
-        return s[name][c]["latency_s"]["p50"]
+        return s[name][c]["latency_s"].get("p50", float("nan"))  # nan: no successful request
 
     params = f", a {r['lm_parameters'] / 1e6:.0f} M-parameter language model" if r.get("lm_parameters") else ""
     load = r.get("load_average_1m")
@@ -505,7 +521,8 @@ def report(results: dict, shape: str, path, image: str) -> str:
                      f"{_verdict(q['auto_vs_macro'], TARGETS['auto_vs_macro'], unit='')} |")
         share = q.get("auto_zoom_share")
         lines.append(f"| (6) ours auto / ours dualfocus, throughput, c={top}; questions zoomed | - | "
-                     f"{q['auto_vs_dualfocus']:.2f}; " + (f"{share:.0%}" if share is not None else "-") + " |")
+                     + (f"{q['auto_vs_dualfocus']:.2f}" if q["auto_vs_dualfocus"] is not None else "-") + "; "
+                     + (f"{share:.0%}" if share is not None else "-") + " |")
     for name in ("ours-dualfocus", "ours-auto"):
         stages = s.get(name, {}).get(top, {}).get("stages") if name in ran else None
         if not stages:

@@ -84,6 +84,8 @@ def test_a_system_not_run_gives_no_ratio_and_the_report_says_why():
     }
     q = bench.ratios(s)
     assert q["auto_vs_macro"] is None and "auto_zoom_share" not in q
+    failed = {**s, "stock-chat": {"4": {"requests_per_s": 0.0, "latency_s": {}, "ok": 0}}}  # every request failed
+    assert bench.ratios(failed)["macro_vs_stock_chat"] is None
     results = {"command": "make bench", "git": "abc1234", "machine": {"platform": "Linux", "cpus": 2},
                "max_tokens": 16, "shapes": {"compute": {"model": "bench-llava-576", "levels": [4],
                                                         "lm_parameters": 98e6, "started": "now", "systems": s,
