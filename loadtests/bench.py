@@ -9,10 +9,10 @@
    how many of its questions zoomed; the questions cycle through detail and global ones
 
 Shapes (--shapes): `tiny` is tiny-llava (random weights, 576 image tokens, a 2 M-parameter language
-model: fixed per-request costs dominate); `compute` is bench-llava-576 (the same image tokens and a
-tiny vision tower, a language model large enough that its prefill is most of a request's time on a
-2-core CPU; built on first use, engine/tiny.py). The compute shape runs few requests at low
-concurrency and asks the reference way only a few questions (each takes tens of seconds there):
+model: fixed per-request costs dominate where bf16 matmuls are fast); `compute` is bench-llava-576
+(the same image tokens and a tiny vision tower, a 100 M-parameter language model whose prefill is most
+of a request's time on a 2-core CPU; built on first use, engine/tiny.py). The compute shape runs few requests at low
+concurrency and asks the reference way only a few questions (a minute or more each there):
 about 20 minutes on a quiet 2-core machine, the tiny shape about 10.
 
     make bench                                                   # both shapes, every system
@@ -72,7 +72,8 @@ class Shape:
 
 SHAPES = {
     "tiny": Shape("tiny", "tiny-llava", (1, 4, 8, 16), (8, 4), 8, 16,
-                  "a request's fixed costs (HTTP, Python, scheduling, image handling) are most of its time"),
+                  "on a CPU with fast bf16 matmuls a request's fixed costs (HTTP, Python, scheduling, image "
+                  "handling) are most of its time; on an AVX2-only one its prefill already is (docs/performance.md)"),
     "compute": Shape("compute", "bench-llava-576", (1, 4), (2, 2), 2, 3,
                      "the language model's prefill is most of a request's time "
                      "(docs/performance.md, \"At a compute-bound shape\")"),
