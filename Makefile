@@ -12,7 +12,7 @@ help:
 	@echo "make test-fast  the tests that need no vLLM engine (seconds)"
 	@echo "make models  build the embedded tiny checkpoints (prints NAME PATH)"
 	@echo "make eval    the generated zoom-in task, macro vs DualFocus, on tiny-dualfocus (docs/paper.md; ~10 min)"
-	@echo "make bench   this service vs stock vLLM vs the reference's way (docs/benchmarks.md)"
+	@echo "make bench   this service vs stock vLLM vs the reference's way, tiny and compute-bound model shapes (docs/benchmarks.md)"
 	@echo "make bench-bigimages  small streams' time to first token beside 35-megapixel JPEGs, vs stock vLLM"
 	@echo "make soak    2 minutes at 4x the sustainable rate: stays up, refuses politely (docs/reliability.md)"
 	@echo "make fleet   REPLICAS=2 POLICY=sticky_least_loaded: replicas behind vllm-router on 127.0.0.1:8000 (docs/deploy.md)"
@@ -57,9 +57,10 @@ test-fast: install
 eval: install
 	$(PY) -m training.evaluate --model $(MODEL) --questions 400 --out eval-out
 
-# The side-by-side benchmark (about 10 minutes): results in loadtests/results/, table in docs/benchmarks.md.
+# The side-by-side benchmark at two model shapes (about 10 minutes at tiny-llava, 20 at bench-llava-576, which it
+# builds on first use): results in loadtests/results/, tables in docs/benchmarks.md. One shape: BENCH_FLAGS="--shapes compute".
 bench: install
-	$(PY) -m loadtests.bench
+	$(PY) -m loadtests.bench $(BENCH_FLAGS)
 
 # Small streams beside big images (about 10 minutes): its own section of docs/benchmarks.md.
 bench-bigimages: install

@@ -211,7 +211,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "build-tiny",
         help="build the embedded tiny checkpoints (offline, deterministic); prints 'NAME PATH' per checkpoint",
     )
-    p.add_argument("names", nargs="*", help="which to build (default: all)")
+    p.add_argument(
+        "names", nargs="*", help="which to build (default: every tiny-* one; bench-llava-576 only when named)"
+    )
     p.set_defaults(func=cmd_build_tiny)
 
     p = sub.add_parser("demo", help="answer one question in-process through the engine and print the trace")

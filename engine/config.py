@@ -52,11 +52,11 @@ class EngineConfig:
         check_share("zoom_max_box_area", self.zoom_max_box_area)
 
     def resolve_model(self) -> str:
-        # A tiny-* name means "build it if missing" (tiny-dualfocus: the trained one in training/): only then
-        # is the builder imported.
-        from .tiny import TINY_MODELS, TRAINED_MODELS, ensure_tiny
+        # A name of engine/tiny.py's means "build it if missing" (tiny-dualfocus: the trained one in training/):
+        # only then is the builder imported.
+        from .tiny import BUILT_MODELS, TRAINED_MODELS, ensure_tiny
 
-        if self.model in TINY_MODELS or self.model in TRAINED_MODELS:
+        if self.model in BUILT_MODELS or self.model in TRAINED_MODELS:
             return str(ensure_tiny(self.model))
         return str(Path(self.model).expanduser()) if Path(self.model).expanduser().exists() else self.model
 

@@ -15,12 +15,17 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from .families.llava import CHAT_TEMPLATE as LLAVA_CHAT_TEMPLATE
 from .families.qwen2_vl import CHAT_TEMPLATE as QWEN_CHAT_TEMPLATE
 
 TINY_MODELS = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
+# Built only when asked for by name (`make bench`, `dualfocus serve --model NAME`), never by default:
+# larger, for benchmarks at a shape where the language model's compute dominates (docs/performance.md).
+BENCH_MODELS = ("bench-llava-576",)
+BUILT_MODELS = (*TINY_MODELS, *BENCH_MODELS)
 # Trained checkpoints committed in the repository (training/README.md): served by name, never rebuilt.
 TRAINED_MODELS = {"tiny-dualfocus": Path(__file__).resolve().parent.parent / "training" / "tiny-dualfocus"}
 # Bump when the recipe changes, so cached builds of an older recipe are rebuilt.
@@ -46,8 +51,8 @@ def ensure_tiny(name: str, root: Path | None = None) -> Path:
         if not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"{name}: no checkpoint in {path} (see training/README.md)")
         return path
-    if name not in TINY_MODELS:
-        raise ValueError(f"unknown tiny model {name!r}; known: {', '.join((*TINY_MODELS, *TRAINED_MODELS))}")
+    if name not in BUILT_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; known: {', '.join((*BUILT_MODELS, *TRAINED_MODELS))}")
     path = (root or cache_dir()) / name
     if _is_intact(path):
         return path
@@ -89,7 +94,13 @@ def _build(name: str, path: Path) -> None:
     tmp = path.with_name(path.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    {"tiny-llava": _build_llava, "tiny-qwen2-vl": _build_qwen2_vl, "tiny-qwen2.5-vl": _build_qwen2_5_vl}[name](tmp)
+    builders = {
+        "tiny-llava": lambda out: build_llava(out, TINY_LLAVA_TEXT),
+        "bench-llava-576": lambda out: build_llava(out, BENCH_LLAVA_TEXT),
+        "tiny-qwen2-vl": _build_qwen2_vl,
+        "tiny-qwen2.5-vl": _build_qwen2_5_vl,
+    }
+    builders[name](tmp)
     files = {p.name: _digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / _MANIFEST).write_text(json.dumps({"recipe": RECIPE_VERSION, "files": files}, indent=1))
     shutil.rmtree(path, ignore_errors=True)
@@ -137,18 +148,37 @@ def _seeded():
     return torch
 
 
-# --- tiny-llava ------------------------------------------------------------------------------
+# --- LLaVA-1.5 shape: tiny-llava and bench-llava-576 -----------------------------------------
 
 
-def _build_llava(out: Path) -> None:
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        PreTrainedTokenizerFast,
-    )
+@dataclass(frozen=True)
+class LlamaShape:
+    """The language model's size; its head size is 64 (the CPU paged attention rejects 16)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.hidden_size // 64
+
+    def parameters(self, vocab_size: int) -> int:
+        """Weights in the language model: attention, SwiGLU MLP, two norms a layer; embeddings and head."""
+        h, i = self.hidden_size, self.intermediate_size
+        per_layer = 4 * h * h + 3 * h * i + 2 * h
+        return self.num_hidden_layers * per_layer + h + 2 * vocab_size * h
+
+
+TINY_LLAVA_TEXT = LlamaShape(hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+# Where the language model's prefill of a 576-token image is most of a request's time on a 2-core CPU
+# (measured with loadtests/prefill_sweep.py; docs/performance.md, "At a compute-bound shape").
+BENCH_LLAVA_TEXT = LlamaShape(hidden_size=768, intermediate_size=2048, num_hidden_layers=14)
+
+
+def llava_parts(text: LlamaShape):
+    """The tokenizer and config of a LLaVA-1.5-shaped model with language model `text` (no weights)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     tok = _train_tokenizer(specials, vocab_size=1024)
@@ -161,8 +191,8 @@ def _build_llava(out: Path) -> None:
         extra_special_tokens={"image_token": "<image>"},
     )
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
-    vocab = len(tokenizer)
-    # CLIP at 336 px / patch 14: 24 x 24 = 576 image tokens, as LLaVA-1.5 has.
+    # CLIP at 336 px / patch 14: 24 x 24 = 576 image tokens, as LLaVA-1.5 has. The tower stays tiny at
+    # every size: what the shapes differ in is the language model's work.
     vision = CLIPVisionConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -172,14 +202,13 @@ def _build_llava(out: Path) -> None:
         patch_size=14,
         projection_dim=64,
     )
-    # head_dim 64: the CPU paged attention rejects 16.
-    text = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_attention_heads,
         max_position_embeddings=4096,
         bos_token_id=1,
         eos_token_id=2,
@@ -188,7 +217,7 @@ def _build_llava(out: Path) -> None:
     )
     config = LlavaConfig(
         vision_config=vision,
-        text_config=text,
+        text_config=llama,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=576,
         vision_feature_layer=-2,
@@ -196,6 +225,14 @@ def _build_llava(out: Path) -> None:
     )
     config.architectures = ["LlavaForConditionalGeneration"]
     config.dtype = "bfloat16"  # what vLLM's CPU backend computes in
+    return tokenizer, config
+
+
+def build_llava(out: Path, text: LlamaShape) -> None:
+    """Write a random-weight LLaVA-1.5-shaped checkpoint with language model `text` into `out`."""
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
+
+    tokenizer, config = llava_parts(text)
     torch = _seeded()
     model = LlavaForConditionalGeneration(config).to(torch.bfloat16).eval()
     _save_with_vllm_names(

@@ -159,9 +159,9 @@ class Fleet:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self) -> Self:
-        from engine.tiny import TINY_MODELS, ensure_tiny  # imports torch: not for --help
+        from engine.tiny import BUILT_MODELS, ensure_tiny  # imports torch: not for --help
 
-        if self.model in TINY_MODELS:
+        if self.model in BUILT_MODELS:
             ensure_tiny(self.model)  # built once here: replicas building it at the same time collide
         try:
             # kv_aware needs the replicas' KV-cache events: each publishes on a port of its own.

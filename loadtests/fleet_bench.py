@@ -35,10 +35,10 @@ from pathlib import Path
 import openai
 
 from . import scenes, systems
-from .bench import FLEET_MARKER as MARKER
 from .bench import ROOT
 from .fleet import POLICIES, Fleet, metric, metric_samples
 from .loadgen import git_revision, machine
+from .report import replace_section
 
 MODEL = "tiny-llava"
 
@@ -212,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(results: dict, path: Path) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    head = doc.read_text().split(MARKER)[0].rstrip("\n") if doc.exists() else "# Benchmarks"
-    doc.write_text(head + "\n\n" + MARKER + "\n" + report(results, path.relative_to(ROOT)))
+    replace_section(ROOT / "docs" / "benchmarks.md", "fleet", report(results, path.relative_to(ROOT)))
     print(f"wrote the fleet section of docs/benchmarks.md from {path}", flush=True)
 
 

@@ -111,7 +111,9 @@ def summarize(samples: list[systems.Sample], wall_s: float) -> dict:
             if rows:
                 prompt = sum(r.prompt_tokens for r in rows)
                 stages[name] = {"ms_p50": statistics.median(r.ms for r in rows), "count": len(rows),
-                                "cached_ratio": sum(r.cached_tokens for r in rows) / prompt if prompt else 0.0}
+                                "cached_ratio": sum(r.cached_tokens for r in rows) / prompt if prompt else 0.0,
+                                "prompt_tokens_mean": prompt / len(rows),
+                                "computed_tokens_mean": (prompt - sum(r.cached_tokens for r in rows)) / len(rows)}
         out["stages"] = stages
         out["chosen"] = {c: sum(t.chosen == c for t in traces) for c in ("macro", "micro", "same")}
         gates = [t.gate for t in traces if t.gate]

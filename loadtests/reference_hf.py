@@ -23,7 +23,7 @@ from PIL import Image
 
 from engine.families import make_adapter
 from engine.geometry import plan_crop
-from engine.tiny import ensure_tiny
+from engine.tiny import BUILT_MODELS, ensure_tiny
 
 from .loadgen import git_revision, machine
 from .scenes import from_data_url, synthetic
@@ -82,13 +82,13 @@ class ReferencePipeline:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.reference_hf", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny-llava")
+    p.add_argument("--model", default="tiny-llava", help="a name of engine/tiny.py's or a LLaVA checkpoint's path")
     p.add_argument("--questions", type=int, default=16, help="default: %(default)s")
     p.add_argument("--max-tokens", type=int, default=16, help="default: %(default)s")
     p.add_argument("--out", help="write the JSON result here (default: print it)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    pipeline = ReferencePipeline(ensure_tiny(args.model) if args.model.startswith("tiny-") else args.model)
+    pipeline = ReferencePipeline(ensure_tiny(args.model) if args.model in BUILT_MODELS else args.model)
     items = synthetic(args.questions)
     pipeline.answer(from_data_url(items[0].image_url), items[0].question, args.max_tokens)  # warm-up
     latencies = []
