@@ -235,7 +235,8 @@ def lm_step(model, batch: dict, number_ids: torch.Tensor, image_word_weight: flo
     targets = labels[:, 1:]
     per_token = F.cross_entropy(out.logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
     taught = targets != -100
-    answer_from = batch["answer_at"].clamp(min=0).where(batch["answer_at"] >= 0, torch.tensor(10**9))
+    answer_at = batch["answer_at"]
+    answer_from = torch.where(answer_at >= 0, answer_at, 10**9)  # a box example has no answer
     in_answer = taught & (torch.arange(1, ids.shape[1]).unsqueeze(0) >= answer_from.unsqueeze(1))
     in_box = taught & ~in_answer
     answer_loss = per_token[in_answer].mean()
