@@ -114,7 +114,7 @@ def test_dualfocus_detail_gain_on_the_trained_model_and_answers_the_task_allows(
 
 
 def test_training_examples_teach_the_served_prompts_and_point_at_image_tokens():
-    from training.data import IMAGE_TOKENS, ExampleMaker
+    from training.data import IMAGE_TOKENS, SINK, ExampleMaker
     from training.model import build_tokenizer
 
     tokenizer = build_tokenizer()
@@ -131,14 +131,18 @@ def test_training_examples_teach_the_served_prompts_and_point_at_image_tokens():
                 assert e.ids[start : start + IMAGE_TOKENS] == [image_id] * IMAGE_TOKENS
             image_positions = {s + k for s in e.image_starts for k in range(IMAGE_TOKENS)}
             assert e.focus, e.kind
-            for q, keys in e.focus:  # each focus is read where a taught token is predicted, from image tokens
-                assert e.labels[q + 1] != -100 and keys and set(keys) <= image_positions
+            for q, keys, heads in e.focus:  # each focus is read where a taught token is predicted, from image
+                assert e.labels[q + 1] != -100 and keys and heads  # tokens (or, a box head not reading, the sink)
+                assert set(keys) <= image_positions | {SINK}
+            box_reads = [(q, keys[0]) for q, keys, _ in e.focus if keys != [SINK] and q + 1 != e.answer_at]
+            if e.box_at >= 0:  # a taught box: four numbers, each read by its own head from one image token
+                assert len(box_reads) == 4 and all(k in image_positions for _, k in box_reads)
             words = {maker.colour_word[i] for i in range(len(COLOURS))}
             for w in e.patch_words:
                 assert set(w[w != -100].tolist()) <= words
             if e.kind in ("micro", "scoring") and "dot" in tokenizer.decode(e.ids[-30:]):
                 # a detail answer is read off the crop (the second image), where its dot's word is
-                q, keys = e.focus[-1]
+                q, keys, _ = e.focus[-1]
                 assert q == e.answer_at - 1 and min(keys) >= e.image_starts[1]
                 crop_words = e.patch_words[1][[k - e.image_starts[1] for k in keys]].tolist()
                 assert e.ids[e.answer_at] in crop_words or e.ids[e.answer_at] not in words

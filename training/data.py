@@ -25,6 +25,13 @@ from .task import COLOUR_NAMES, TEST_SEED_BASE, Question, Scene, box_text, make_
 # What one LM example teaches (weights: how often each is drawn).
 SEQUENCE_KINDS = {"macro": 0.2, "box": 0.3, "micro": 0.25, "scoring": 0.25}
 GRID = IMAGE_SIZE // 14
+# The attention heads (layer, head) lm_step's attention loss steers. An answer is read by head 0 of the
+# layers after the first. A box's four numbers are read by one head each (x1, y1, x2, y2), each from the
+# patch of the sign that sets that edge, while the other three look at the first token (a sink): each
+# head then copies one coordinate, so a number is a copy, not something an MLP must pick out of four.
+ANSWER_HEADS = ((1, 0), (2, 0))
+BOX_NUMBER_HEADS = ((1, 0), (1, 1), (2, 0), (2, 1))
+SINK = 0
 
 
 @dataclass
@@ -33,13 +40,14 @@ class Example:
     labels: list[int]  # -100 where no loss
     images: list[Image.Image]  # model images (already padded square), in prompt order
     patch_words: list[torch.Tensor]  # per image: each patch's content word id (-100: none), see patch_words()
+    patch_boxes: list[torch.Tensor]  # per image: (64, 4) the box of the sign each patch shows, 0-1 (-1: none)
     kind: str
     answer_at: int  # index of the first answer token (for accuracy), -1 if none
     box_at: int  # index of the first box token with a loss, -1 if none
     image_starts: list[int]  # index of each image's first token
-    # Where the answer is to be read: (position that predicts a taught token, positions of the image tokens
-    # that show what it needs); lm_step's attention loss steers one head per layer there.
-    focus: list[tuple[int, list[int]]] = field(default_factory=list)
+    # Where each taught token is to be read: (position that predicts it, positions of the image tokens that
+    # show what it needs, the (layer, head)s to look there); lm_step's attention loss steers those heads.
+    focus: list[tuple[int, list[int], tuple[tuple[int, int], ...]]] = field(default_factory=list)
 
 
 class ExampleMaker:
@@ -50,6 +58,7 @@ class ExampleMaker:
         self.rng = random.Random(seed)
         # The first token of each colour word as an answer says it (" red"): the image-word loss's targets.
         self.colour_word = [self.adapter.reply_ids(c)[0] for c in COLOUR_NAMES]
+        self.numbers = {i for t, i in tokenizer.get_vocab().items() if len(t) == 2 and t.isdigit()}
 
     # --- scenes --------------------------------------------------------------------------------
     def scene(self) -> tuple[Scene, Image.Image]:
@@ -80,15 +89,29 @@ class ExampleMaker:
         full = a.model_image(image)
         signs = [(s.colour, s.dot, s.rect, s.dot_rect) for s in scene.signs]
         full_words = self.patch_words(image, signs, dots=False)
+        full_boxes = self._patch_targets(image, signs, dots=False)[3]
+        no_boxes = torch.full_like(full_boxes, -1.0)
+        # The signs the box is drawn around: the asked one, or (a global question) all of them.
+        box_signs = [s for s in scene.signs if s.rect == q.asked_sign] or list(scene.signs)
         # What the question is about, on the full image: the asked sign (detail, and presence of a sign
         # that is there) or every sign (count, and presence of one that is not).
+        # Where the answer is read on the full image (offsets into its image tokens; None: the sink token):
+        # the asked sign (detail, and presence of a sign that is there); for a sign that is not there, the
+        # sink, so "no" is "found nothing"; for a count, the sink and each sign's centre patch, so that even
+        # attention leaves 1/(n+1) on the sink, and the count is how much of it is the sink.
         about = [s for s in scene.signs if q.asked_sign == s.rect or (q.kind == "presence" and f" {s.colour} " in q.text)]
-        on_full = sorted({k for s in (about or scene.signs) for k in patches_over(image.size, s.rect)})
+        on_full: list[int | None]
+        if q.kind == "count":
+            on_full = [None] + sorted({patch_at(image.size, _centre(s.rect)) for s in scene.signs})
+        elif not about:
+            on_full = [None]
+        else:
+            on_full = sorted({k for s in about for k in patches_over(image.size, s.rect)})
         prefix = a.conversation_prefix([], 1)  # a new conversation with one image, as the server opens it
         if kind == "macro":
             ex = self._join([(a.macro_prompt(prefix, q.text), False), (a.reply_ids(q.answer) + [self.eos], True)],
-                            [full], [full_words], kind, answer_part=1)
-            ex.focus.append((ex.answer_at - 1, [ex.image_starts[0] + k for k in on_full]))
+                            [full], [full_words], [full_boxes], kind, answer_part=1)
+            ex.focus.append((ex.answer_at - 1, _keys(ex.image_starts[0], on_full), ANSWER_HEADS))
             return ex
         stem = parse_question(q.text).stem
         box_prompt = a.box_prompt(prefix, stem)
@@ -96,8 +119,8 @@ class ExampleMaker:
         exact_box = box_text(q.box, w, h)
         if kind == "box":
             ex = self._join([(box_prompt, False), (a.encode(exact_box) + [self.eos], True)], [full], [full_words],
-                            kind, box_part=1)
-            self._focus_box(ex, on_full)
+                            [full_boxes], kind, box_part=1)
+            self._focus_box(ex, image.size, box_signs)
             return ex
         served = self.served_box(q.box)
         plan = plan_crop(served, w, h)
@@ -118,24 +141,32 @@ class ExampleMaker:
             answer = a.reply_ids(q.scoring_answer)
         # The box reply is taught only when it is the true box (a jittered one only sets the scene).
         ex = self._join([(box_prompt, False), (box_reply, said == exact_box), (turn, False), (answer, True)],
-                        [full, a.model_image(crop)], [full_words, crop_words], kind, answer_part=3,
-                        box_part=1 if said == exact_box else -1)
+                        [full, a.model_image(crop)], [full_words, crop_words], [full_boxes, no_boxes], kind,
+                        answer_part=3, box_part=1 if said == exact_box else -1)
         if said == exact_box:
-            self._focus_box(ex, on_full)
+            self._focus_box(ex, image.size, box_signs)
         if q.asked_sign is not None:  # a detail question: the answer is the asked sign's dot, on the crop
             sign = next(s for s in scene.signs if s.rect == q.asked_sign)
             on_crop = patches_over(crop.size, _shift(sign.dot_rect, x0, y0))
-            ex.focus.append((ex.answer_at - 1, [ex.image_starts[1] + k for k in on_crop]))
+            ex.focus.append((ex.answer_at - 1, [ex.image_starts[1] + k for k in on_crop], ANSWER_HEADS))
         else:
-            ex.focus.append((ex.answer_at - 1, [ex.image_starts[0] + k for k in on_full]))
+            ex.focus.append((ex.answer_at - 1, _keys(ex.image_starts[0], on_full), ANSWER_HEADS))
         return ex
 
-    def _focus_box(self, ex: Example, on_full: list[int]) -> None:
-        """Each taught box token is read off the full image's patches of what the question is about."""
-        t = ex.box_at
+    def _focus_box(self, ex: Example, size: tuple[int, int], box_signs) -> None:
+        """Each of the box's four numbers is read by its own head (BOX_NUMBER_HEADS) off the full image's
+        patch at the centre of the sign that sets that edge (the leftmost sign's for x1, ...)."""
+        t, coordinate = ex.box_at, 0
         while t < len(ex.labels) and ex.labels[t] != -100 and ex.labels[t] != self.eos:
-            ex.focus.append((t - 1, [ex.image_starts[0] + k for k in on_full]))
+            if ex.ids[t] in self.numbers:
+                pick = min if coordinate < 2 else max
+                sign = pick(box_signs, key=lambda s: s.rect[coordinate])
+                for i, head in enumerate(BOX_NUMBER_HEADS):
+                    keys = [ex.image_starts[0] + patch_at(size, _centre(sign.rect))] if i == coordinate else [SINK]
+                    ex.focus.append((t - 1, keys, (head,)))
+                coordinate += 1
             t += 1
+        assert coordinate == 4, "a box has four numbers"
 
     def patch_words(self, image: Image.Image, signs, dots: bool) -> torch.Tensor:
         """Each image token's content as a word the language model's head can say: the dot's colour word
@@ -157,7 +188,7 @@ class ExampleMaker:
                 words[k] = self.colour_word[int(colour[k]) - 1]
         return words
 
-    def _join(self, parts, images, patch_words, kind, answer_part=-1, box_part=-1) -> Example:
+    def _join(self, parts, images, patch_words, patch_boxes, kind, answer_part=-1, box_part=-1) -> Example:
         ids: list[int] = []
         labels: list[int] = []
         starts = []
@@ -171,7 +202,7 @@ class ExampleMaker:
             starts.append(len(ids))
             ids += expanded
             labels += expanded if learn else [-100] * len(expanded)
-        return Example(ids, labels, images, patch_words, kind, starts[answer_part] if answer_part >= 0 else -1,
+        return Example(ids, labels, images, patch_words, patch_boxes, kind, starts[answer_part] if answer_part >= 0 else -1,
                        starts[box_part] if box_part >= 0 else -1, image_starts)
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
@@ -181,7 +212,7 @@ class ExampleMaker:
     def vision_examples(self) -> list[tuple[Image.Image, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """A scene's full image and a served-style crop of it, each with per-patch targets on the 8x8
         grid: the sign colour at the patch's centre (0: none), the dot colour whose centre is in the
-        patch (0: none), and the covering sign's box (0-1 of the padded square) for regression."""
+        patch (0: none), and the covering sign's box (0-1 of the image's width and height) for regression."""
         scene, image = self.scene()
         signs = [(s.colour, s.dot, s.rect, s.dot_rect) for s in scene.signs]
         out = [self._patch_targets(image, signs, dots=False)]
@@ -212,11 +243,16 @@ class ExampleMaker:
                 for c, d, r, dr in signs:
                     if r[0] <= cx < r[2] and r[1] <= cy < r[3]:
                         colour[k] = COLOUR_NAMES.index(c) + 1
-                        boxes[k] = torch.tensor([(r[0] + ox) / side, (r[1] + oy) / side,
-                                                 (r[2] + ox) / side, (r[3] + oy) / side])
+                        # On 0-1 of the image's own width and height, as the box reply writes it: the
+                        # numbers the language model says are then one linear read of a patch's features.
+                        boxes[k] = torch.tensor([r[0] / w, r[1] / h, r[2] / w, r[3] / h])
                     dcx, dcy = (dr[0] + dr[2]) / 2 + ox, (dr[1] + dr[3]) / 2 + oy
                     if j * cell <= dcx < (j + 1) * cell and i * cell <= dcy < (i + 1) * cell:
                         dot[k] = COLOUR_NAMES.index(d) + 1
+        for _, _, r, _ in signs:  # a sign smaller than a patch may cover no patch's centre: its centre's patch
+            k = patch_at(image.size, ((r[0] + r[2]) / 2, (r[1] + r[3]) / 2))
+            if boxes[k, 0] < 0 and 0 <= (r[0] + r[2]) / 2 < w and 0 <= (r[1] + r[3]) / 2 < h:
+                boxes[k] = torch.tensor([r[0] / w, r[1] / h, r[2] / w, r[3] / h])
         if not dots:
             dot[:] = -100
         return self.adapter.model_image(image), colour, dot, boxes
@@ -243,6 +279,15 @@ def patches_over(size: tuple[int, int], rect) -> list[int]:
     j0, j1 = int((rect[0] + ox) // cell), int((rect[2] - 1 + ox) // cell)
     i0, i1 = int((rect[1] + oy) // cell), int((rect[3] - 1 + oy) // cell)
     return [i * GRID + j for i in range(max(0, i0), min(GRID - 1, i1) + 1) for j in range(max(0, j0), min(GRID - 1, j1) + 1)]
+
+
+def _centre(r) -> tuple[float, float]:
+    return (r[0] + r[2]) / 2, (r[1] + r[3]) / 2
+
+
+def _keys(image_start: int, offsets: list[int | None]) -> list[int]:
+    """Token positions of image-token offsets, None being the sink."""
+    return [SINK if k is None else image_start + k for k in offsets]
 
 
 def _shift(r, x0: int, y0: int) -> tuple[int, int, int, int]:
@@ -291,7 +336,8 @@ class Batches(torch.utils.data.IterableDataset):
                 batch["answer_at"] = torch.tensor([e.answer_at for e in examples])
                 batch["box_at"] = torch.tensor([e.box_at for e in examples])
                 batch["patch_words"] = torch.cat([w for e in examples for w in e.patch_words])
-                batch["focus"] = [(i, q, keys) for i, e in enumerate(examples) for q, keys in e.focus]  # type: ignore[assignment]
+                batch["patch_boxes"] = torch.cat([b for e in examples for b in e.patch_boxes])
+                batch["focus"] = [(i, q, keys, heads) for i, e in enumerate(examples) for q, keys, heads in e.focus]  # type: ignore[assignment]
                 yield batch
 
 
