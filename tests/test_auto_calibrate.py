@@ -141,6 +141,21 @@ def test_failed_requests_score_as_wrong_and_a_partial_run_is_not_replayed_above_
     assert calibrate(run, [0, 0.5])["rows"][-1]["threshold"] == 0.5
 
 
+def test_the_runs_own_threshold_keeps_its_decision_despite_the_rounded_confidence(tmp_path):
+    run = load_run(write_eval(tmp_path / "eval"))
+    auto = tmp_path / "eval" / "answers-auto.jsonl"
+    records = [json.loads(line) for line in auto.read_text().splitlines()]
+    # Question 4's confidence rounded to 1.0 in the trace, yet it zoomed at 1 (it was below 1).
+    records[4]["metadata"]["gate"]["confidence"] = 1.0
+    # Question 5's auto macro answer differs from mode macro's (another batch): counted, not hidden.
+    records[5]["metadata"]["macro_answer"] = "4"
+    auto.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = calibrate(load_run(tmp_path / "eval"), [0.99, 1])
+    rows = rows_by_threshold(result)
+    assert rows[1]["zoomed"] == 5 and rows[0.99]["zoomed"] == 4 and result["macro_answer_differs"] == 1
+    assert calibrate(run, [0])["macro_answer_differs"] == 0
+
+
 def test_an_eval_folder_without_mode_auto_or_with_other_questions_is_refused(tmp_path):
     folder = write_eval(tmp_path / "eval")
     (folder / "answers-auto.jsonl").unlink()
