@@ -5,11 +5,14 @@ running server (each request sets its own threshold, so one server serves the wh
         --concurrency 16 --requests 64 --rounds 2 --out loadtests/results/auto-sweep-DATE
 
 Rounds interleave the configurations (macro, dualfocus, auto@t, ...; then again), each run on
-synthetic scenes of its own seed, so every request's image is one the server has not seen and a
-slow spell of a noisy machine falls on every configuration alike. Reported per configuration: the
-median over rounds of requests/s, its ratio to macro and to dualfocus, and (mode auto) the share of
-requests that zoomed and why the others did not. Accuracy needs a trained model and its task:
-`dualfocus eval` on tiny-dualfocus (docs/performance.md, "Adaptive DualFocus (mode auto)").
+images of its own seed, so every request's image is one the server has not seen and a slow spell of
+a noisy machine falls on every configuration alike. The load is synthetic scenes (loadtests/scenes.py)
+or, with --task N, N questions of the generated zoom-in task tiny-dualfocus is trained on (the test
+set `dualfocus eval --generate N --seed S` writes: half detail, half global questions), a fresh test
+set per configuration and round. Reported per configuration: the median over rounds of requests/s,
+its ratio to macro and to dualfocus, and (mode auto) the share of requests that zoomed and why the
+others did not. Accuracy comes from `dualfocus eval`; `python -m loadtests.auto_calibrate EVAL_DIR
+--sweep OUT` joins the two (docs/performance.md, "Adaptive DualFocus (mode auto)").
 """
 
 from __future__ import annotations
@@ -32,6 +35,23 @@ def configurations(thresholds: list[float]) -> list[tuple[str, str, float | None
     return [("macro", "macro", None), ("dualfocus", "dualfocus", None)] + [
         (f"auto@{t:g}", "auto", t) for t in thresholds
     ]
+
+
+def schedule(configs: list[tuple[str, str, float | None]], rounds: int, first_seed: int) -> list[tuple]:
+    """The runs in order, (round, name, mode, threshold, seed): rounds interleave the configurations,
+    and every run has a seed (of its scenes or task test set) no other run has."""
+    runs = []
+    seed = first_seed
+    for round_ in range(1, rounds + 1):
+        for name, mode, threshold in configs:
+            seed += 1
+            runs.append((round_, name, mode, threshold, seed))
+    return runs
+
+
+def load(seed: int, requests: int, task: bool) -> list[scenes.Item]:
+    """One run's requests: `requests` synthetic scenes, or as many questions of the generated task."""
+    return scenes.task(requests, seed) if task else scenes.synthetic(requests, seed=seed)
 
 
 def compare(runs: dict[str, list[dict]]) -> dict[str, dict]:
@@ -65,15 +85,38 @@ def main(argv=None) -> int:
     p.add_argument("--api-key", default="none")
     p.add_argument("--thresholds", default="0,0.5,1", help="comma-separated, 0-1 (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default: %(default)s)")
-    p.add_argument("--requests", type=int, default=64, help="per configuration and round (default: %(default)s)")
+    p.add_argument("--requests", type=int, help="per configuration and round (default: 64, or N with --task)")
+    p.add_argument("--task", type=int, metavar="N",
+                   help="load: N questions of the generated zoom-in task per configuration and round (a multiple "
+                        "of 4: kinds in turn detail, detail_mc, count, presence, so half detail, half global) "
+                        "instead of synthetic scenes; for the throughput on the mix the eval scores")
+    p.add_argument("--seed", type=int, default=1000,
+                   help="runs use seeds SEED+1, SEED+2, ... (scene seeds, or --task's test-set seeds; keep them "
+                        "clear of the eval's test set on the same server, default 0, so no image is cached) "
+                        "(default: %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="default: %(default)s")
     p.add_argument("--max-tokens", type=int, default=16, help="default: %(default)s")
     p.add_argument("--out", type=Path, required=True, help="folder for one JSON per run and summary.json")
     args = p.parse_args(argv)
-    thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    try:
+        thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    except ValueError:
+        thresholds = []
     if not thresholds or not all(0.0 <= t <= 1.0 for t in thresholds):
         p.error("--thresholds: numbers between 0 and 1")
+    if args.task is not None:
+        if args.task < 4 or args.task % 4:
+            p.error("--task: a positive multiple of 4 (kinds in turn: detail, detail_mc, count, presence), "
+                    "so the load is half detail, half global questions")
+        if args.requests is not None and args.requests != args.task:
+            p.error("--task N sets the requests per configuration and round to N; leave --requests out")
+        args.requests = args.task
+    elif args.requests is None:
+        args.requests = 64
+    if args.requests < 1 or args.rounds < 1:
+        p.error("--requests and --rounds: at least 1")
     configs = configurations(thresholds)
+    load_name = f"task ({args.task} questions per run: half detail, half global)" if args.task else "synthetic scenes"
     args.out.mkdir(parents=True, exist_ok=True)
 
     async def go() -> dict[str, list[dict]]:
@@ -81,27 +124,26 @@ def main(argv=None) -> int:
                                     timeout=600)
         model = (await client.models.list()).data[0].id
         runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
-        seed = 1000
-        for round_ in range(args.rounds):
-            for name, mode, threshold in configs:
-                seed += 1
-                send = request_fn("ours", client, model, mode, args.max_tokens, False, threshold)
-                samples, wall = await run_load(send, scenes.synthetic(args.requests, seed=seed),
-                                               concurrency=args.concurrency, requests=args.requests, progress=False)
-                summary = summarize(samples, wall)
-                (args.out / f"{name}-round{round_ + 1}.json").write_text(json.dumps(
-                    {"config": name, "mode": mode, "zoom_threshold": threshold, "seed": seed, "summary": summary},
-                    indent=2))
-                runs[name].append(summary)
-                print(f"round {round_ + 1} {name:<12} {summary['requests_per_s']:7.2f} req/s "
-                      f"ok {summary['ok']}/{summary['requests']}", flush=True)
+        for round_, name, mode, threshold, seed in schedule(configs, args.rounds, args.seed):
+            send = request_fn("ours", client, model, mode, args.max_tokens, False, threshold)
+            samples, wall = await run_load(send, load(seed, args.requests, args.task is not None),
+                                           concurrency=args.concurrency, requests=args.requests, progress=False)
+            summary = summarize(samples, wall)
+            (args.out / f"{name}-round{round_}.json").write_text(json.dumps(
+                {"config": name, "mode": mode, "zoom_threshold": threshold, "seed": seed, "load": load_name,
+                 "summary": summary}, indent=2))
+            runs[name].append(summary)
+            print(f"round {round_} {name:<12} {summary['requests_per_s']:7.2f} req/s "
+                  f"ok {summary['ok']}/{summary['requests']}", flush=True)
         await client.close()
         return runs
 
     runs = asyncio.run(go())
     table = compare(runs)
-    result = {"command": " ".join(sys.argv), "git": git_revision(), "machine": machine(),
-              "concurrency": args.concurrency, "requests": args.requests, "rounds": args.rounds,
+    for name, _, threshold in configs:
+        table[name]["zoom_threshold"] = threshold  # exact, where the name has it to 6 digits
+    result = {"command": " ".join(sys.argv), "git": git_revision(), "machine": machine(), "load": load_name,
+              "task": args.task, "concurrency": args.concurrency, "requests": args.requests, "rounds": args.rounds,
               "max_tokens": args.max_tokens, "configurations": table}
     (args.out / "summary.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(table, indent=2))

@@ -23,6 +23,7 @@ class Item:
     question: str
     width: int
     height: int
+    kind: str | None = None  # the generated task's kind of question (training/task.py), if from it
 
 
 def synthetic(n: int, seed: int = 0) -> list[Item]:
@@ -40,6 +41,17 @@ def synthetic(n: int, seed: int = 0) -> list[Item]:
             (draw.rectangle if rng.random() < 0.5 else draw.ellipse)((x, y, x + s, y + s), fill=colour)
         items.append(Item(to_data_url(image), QUESTIONS[i % len(QUESTIONS)], w, h))
     return items
+
+
+def task(n: int, seed: int) -> list[Item]:
+    """n questions of the generated zoom-in task tiny-dualfocus is trained on: the test set of `seed`
+    that `dualfocus eval --generate n --seed SEED` writes (training/task.py; one scene each, kinds in
+    turn: detail, detail_mc, count, presence). Each seed's scenes are its own, disjoint from training's."""
+    from training.task import make_test_set
+
+    return [
+        Item(to_data_url(scene.image), q.text, *scene.image.size, kind=q.kind) for scene, q in make_test_set(n, seed)
+    ]
 
 
 def from_folder(folder: Path, questions_file: Path) -> list[Item]:

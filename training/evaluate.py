@@ -1,6 +1,10 @@
 """`make eval`: serve a model, run the generated zoom-in task through it in both modes, stop the server.
 
     python -m training.evaluate --model tiny-dualfocus --questions 400 --out eval-out
+    python -m training.evaluate --model tiny-dualfocus --mode all --zoom-threshold 1 --out EVAL_DIR
+
+(the second also runs mode auto at threshold 1, what `python -m loadtests.auto_calibrate EVAL_DIR`
+replays to calibrate the zoom threshold; docs/performance.md, "Adaptive DualFocus (mode auto)").
 
 The table it prints is `dualfocus eval --generate` (clients/eval/generated.py) against a server this
 command starts on a free local port and stops afterwards; docs/paper.md quotes a run of it.
@@ -15,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from clients.eval.harness import MODES
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
@@ -24,6 +30,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="which generated test set (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("eval-out"), help="answers and summary (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
+    p.add_argument("--mode", choices=list(MODES), default="both",
+                   help="as `dualfocus eval --mode`: all adds mode auto (default: %(default)s)")
+    p.add_argument("--zoom-threshold", type=float, metavar="0-1",
+                   help="mode auto's threshold, as `dualfocus eval --zoom-threshold` (default: the server's)")
     args = p.parse_args(argv)
 
     with socket.socket() as s:
@@ -38,9 +48,11 @@ def main(argv=None) -> int:
         if not _wait_ready(port, server):
             print(f"error: the server did not start; see {log.name}", file=sys.stderr)
             return 1
+        threshold = [] if args.zoom_threshold is None else ["--zoom-threshold", str(args.zoom_threshold)]
         return subprocess.call([sys.executable, "-m", "clients", "eval", "--generate", str(args.questions),
                                 "--seed", str(args.seed), "--out", str(args.out), "--concurrency",
-                                str(args.concurrency), "--url", f"http://127.0.0.1:{port}"])
+                                str(args.concurrency), "--mode", args.mode, *threshold,
+                                "--url", f"http://127.0.0.1:{port}"])
     finally:
         server.terminate()
         server.wait(timeout=60)
