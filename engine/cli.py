@@ -108,7 +108,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         metavar="0-1",
         help="zoom when the macro answer's confidence (the geometric-mean probability of its tokens) is below "
         "this: 0 never zooms, 1 nearly always; a request may set its own (dualfocus.zoom_threshold). "
-        "Provisional default, to be calibrated on a trained model (default: %(default)s)",
+        "The default is calibrated on tiny-dualfocus; calibrate another model with loadtests/auto_calibrate.py "
+        "(docs/performance.md) (default: %(default)s)",
     )
     g.add_argument(
         "--zoom-max-box-area",
@@ -116,7 +117,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=d.zoom_max_box_area,
         metavar="0-1",
         help="zoom only into boxes covering at most this share of the image: a bigger box gives the micro pass "
-        "nearly the picture the macro pass saw; 1 lifts the limit. Provisional default (default: %(default)s)",
+        "nearly the picture the macro pass saw; 1 lifts the limit. Not calibrated (default: %(default)s)",
     )
 
 

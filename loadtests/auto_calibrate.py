@@ -15,10 +15,11 @@ scored with the eval's own scoring (clients/eval/scoring.py).
 Reported per threshold: accuracy (in %) on detail questions (detail + detail_mc), global ones
 (count + presence) and the mix (all), the share zoomed, and the share of DualFocus's gain over
 macro kept (gain = dualfocus - macro accuracy of the same run's answer files; n/a when <= 0), on
-the mix and on detail. The recommended threshold: the smallest share zoomed whose mix accuracy
-keeps >= 95% of the gain (--target-gain). With --sweep, the throughput that auto_sweep measured per
-configuration joins the rows of the thresholds it swept, and a table per configuration (macro,
-auto@t, dualfocus: accuracy and requests/s) is printed, and with --docs written into the file's
+the mix and on detail. The recommended threshold: the smallest share zoomed that keeps >= 95% of
+the gain (--target-gain) on the mix and, where DualFocus gains there, on detail questions. With
+--sweep, the throughput that auto_sweep measured per configuration joins the rows of the thresholds
+it swept, and a table per configuration (macro, auto@t, dualfocus: accuracy and requests/s) is
+printed, and with --docs written into the file's
 `auto-calibration` section (between its `<!-- auto-calibration:start -->` / `:end` markers).
 """
 
@@ -188,9 +189,16 @@ def macro_mismatches(run: Run) -> int:
 
 
 def recommend(rows: list[dict], target: float) -> dict | None:
-    """The row with the smallest share zoomed (then the smallest threshold) whose mix accuracy keeps
-    at least `target` of DualFocus's gain; None if none does or there is no gain."""
-    keeping = [r for r in rows if r["gain_kept"]["mix"] is not None and r["gain_kept"]["mix"] >= target - 1e-12]
+    """The row with the smallest share zoomed (then the smallest threshold) that keeps at least `target`
+    of DualFocus's gain on the mix and, where DualFocus gains there, on detail questions; None if none
+    does or there is no gain on the mix. Detail too, because on the mix a loss elsewhere (fusion on
+    global questions) shrinks the gain that is to be kept: skipping most zooms could then pass the mix
+    test while losing most of what zooming is for."""
+
+    def keeps(r: dict, part: str) -> bool:
+        return r["gain_kept"][part] is not None and r["gain_kept"][part] >= target - 1e-12
+
+    keeping = [r for r in rows if keeps(r, "mix") and (r["gain_kept"]["detail"] is None or keeps(r, "detail"))]
     return min(keeping, key=lambda r: (r["zoomed_share"], r["threshold"])) if keeping else None
 
 
@@ -310,10 +318,14 @@ def recommendation(result: dict) -> str:
         return f"no recommendation: DualFocus has no accuracy gain over macro on the mix ({_pct(gain)} points)"
     best = result["recommended"]
     if best is None:
-        return f"no threshold keeps {target} of DualFocus's gain over macro on the mix ({gain:+.1f} points)"
+        return (
+            f"no threshold keeps {target} of DualFocus's gain over macro on the mix and on detail ({gain:+.1f} points)"
+        )
+    detail = best["gain_kept"]["detail"]
     return (
         f"recommended threshold {best['threshold']:.6g}: zooms {_share(best['zoomed_share'])} of questions and keeps "
-        f"{_share(best['gain_kept']['mix'])} of DualFocus's gain on the mix ({gain:+.1f} points; target {target})"
+        f"{_share(best['gain_kept']['mix'])} of DualFocus's gain on the mix ({gain:+.1f} points) and "
+        f"{'n/a' if detail is None else _share(detail)} on detail (target {target} on both)"
     )
 
 

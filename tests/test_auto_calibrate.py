@@ -90,9 +90,14 @@ def test_the_replay_takes_the_macro_answer_where_the_gate_would_skip(tmp_path):
     # 0.2) never zooms, so its gain is lost (detail 75, dualfocus 100), and question 5's zoom hurts.
     assert summary(1) == ({"detail": 75.0, "global": 50.0, "mix": 62.5}, 5, {"mix": 0.5, "detail": 0.667})
     assert rows[1]["zoomed_share"] == 5 / 8 and rows[0.6]["zoomed_share"] == 2 / 8
-    # The smallest zoom share keeping >= 95% of the gain on the mix: 2 of 8, from just above 0.5 up to 0.6.
-    assert result["recommended"]["threshold"] == 0.6
-    assert auto_calibrate.recommendation(result).startswith("recommended threshold 0.6: zooms 25% of questions")
+    # The recommendation keeps the target share of the gain on the mix and on detail. At 95% none does:
+    # question 2's gain is never kept (its box), so detail keeps at most 67%.
+    assert result["recommended"] is None
+    at_60 = calibrate(load_run(tmp_path / "eval"), [0, 0.4, 0.5, 0.6, 0.7, 1], target=0.6)
+    assert at_60["recommended"]["threshold"] == 0.6  # 2 of 8 zoomed, from just above 0.5 up to 0.6
+    assert auto_calibrate.recommendation(at_60).startswith("recommended threshold 0.6: zooms 25% of questions")
+    # At 50%, 0.4 keeps half the mix's gain but a third of detail's: still 0.6.
+    assert calibrate(load_run(tmp_path / "eval"), [0, 0.4, 0.6, 1], target=0.5)["recommended"]["threshold"] == 0.6
 
 
 def test_a_box_area_skip_costs_its_gain_and_moves_the_recommendation(tmp_path):
@@ -106,9 +111,11 @@ def test_a_box_area_skip_costs_its_gain_and_moves_the_recommendation(tmp_path):
     assert rows[0.4]["zoomed"] == 0 and rows[0.4]["accuracy"]["mix"] == 50.0
     assert rows[0.6]["accuracy"]["mix"] == 62.5 and rows[0.6]["gain_kept"]["mix"] == 0.5
     assert rows[1]["zoomed"] == 4 and rows[1]["accuracy"]["mix"] == 50.0 and result["recommended"] is None
-    assert calibrate(load_run(tmp_path / "eval"), [0, 0.4, 1], target=0.5)["recommended"]["threshold"] == 0.6
+    # (0.6 keeps half the mix's gain and a third of detail's)
+    assert calibrate(load_run(tmp_path / "eval"), [0, 0.4, 1], target=0.5)["recommended"] is None
+    assert calibrate(load_run(tmp_path / "eval"), [0, 0.4, 1], target=0.3)["recommended"]["threshold"] == 0.6
     # Without the distinct confidences only the grid is searched, and 0.6 is not in it.
-    grid_only = calibrate(load_run(tmp_path / "eval"), [0, 0.4, 1], with_confidences=False, target=0.5)
+    grid_only = calibrate(load_run(tmp_path / "eval"), [0, 0.4, 1], with_confidences=False, target=0.3)
     assert [r["threshold"] for r in grid_only["rows"]] == [0, 0.4, 1] and grid_only["recommended"] is None
 
 
@@ -210,7 +217,7 @@ def test_the_command_writes_json_and_the_docs_section_between_its_markers(tmp_pa
     folder, sweep = write_eval(tmp_path / "eval"), sweep_summary(tmp_path / "sweep")
     doc = tmp_path / "performance.md"
     doc.write_text("# Perf\n\n<!-- auto-calibration:start -->\nplaceholder\n<!-- auto-calibration:end -->\n\ntail\n")
-    assert main([str(folder), "--sweep", str(sweep / "summary.json"), "--docs", str(doc)]) == 0
+    assert main([str(folder), "--sweep", str(sweep / "summary.json"), "--docs", str(doc), "--target-gain", "0.6"]) == 0
     out = capsys.readouterr().out
     assert "| 0.6 (recommended) | 75.0 | 75.0 | 75.0 | 25% | 100% | 67% | 7.00 | 0.70x | 1.75x |" in out
     saved = json.loads((folder / "calibration.json").read_text())

@@ -1,7 +1,7 @@
 """tiny-dualfocus, the trained default: the task is defined once, the checkpoint is the one committed, and
 on a fixed 100-question slice through the real server DualFocus's gain over a single macro pass on
-detail questions is at least what the checkpoint reached (training/tiny-dualfocus/README.md; not yet
-the issue's +25) and every answer is one the task allows."""
+open-ended detail questions is at least what the checkpoint reaches, less a margin
+(training/tiny-dualfocus/README.md), and every answer is one the task allows."""
 
 import hashlib
 import json
@@ -29,13 +29,13 @@ from .conftest import start_server
 
 CHECKPOINT = TRAINED_MODELS["tiny-dualfocus"]
 
-# The gain (DualFocus - macro, points, detail questions: open-ended and multiple choice) this test
-# demands. The issue's bar is +25; the committed checkpoint does not reach it: it has not learned
-# to use the image (training/tiny-dualfocus/README.md) and its gain on this slice is 0. So the test
-# demands what it does reach minus a margin of 5 points (fusion must not lose what macro had), and
-# that every answer is one the task allows, which a random-weight model fails. Raise this to 25
-# with a checkpoint that reaches the issue's targets.
-MIN_DETAIL_GAIN = -5.0
+# The gains (DualFocus - macro, points) this test demands on the slice's 25 open-ended and 25
+# multiple-choice detail questions. The committed checkpoint gains +32 and -4 there (+30 and +2 on
+# 400 questions; training/tiny-dualfocus/README.md): it reads the dot off the crop but has not learned
+# to map it to an option's letter. The margins (3 questions of 25) absorb batch-order differences in
+# the CPU kernels; a model or fusion that stops reading the crop gains ~0 and fails.
+MIN_DETAIL_GAIN = 20.0
+MIN_MULTIPLE_CHOICE_GAIN = -16.0
 ALLOWED = {"detail": set(COLOURS), "detail_mc": set("ABCD"), "count": {"1", "2", "3"}, "presence": {"yes", "no"}}
 
 
@@ -101,10 +101,10 @@ def test_dualfocus_detail_gain_on_the_trained_model_and_answers_the_task_allows(
     assert run.returncode == 0, run.stderr[-2000:]
     task = json.loads((out / "summary.json").read_text())["task"]
     questions = [json.loads(line) for line in (out / "questions.jsonl").read_text().splitlines()]
-    detail = {mode: (task["kinds"]["detail"][mode] + task["kinds"]["detail_mc"][mode]) / 2
-              for mode in ("macro", "dualfocus")}
+    detail, mc = task["kinds"]["detail"], task["kinds"]["detail_mc"]
     print(run.stdout, f"\n{elapsed:.0f} s")
     assert detail["dualfocus"] >= detail["macro"] + MIN_DETAIL_GAIN, run.stdout
+    assert mc["dualfocus"] >= mc["macro"] + MIN_MULTIPLE_CHOICE_GAIN, run.stdout
     for line in (out / "answers-dualfocus.jsonl").read_text().splitlines():
         answer = json.loads(line)
         kind = next(q["kind"] for q in questions if q["question_id"] == answer["question_id"])

@@ -18,12 +18,13 @@ def plot(log: Path, out: Path) -> None:
 
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "step" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     stages = ("vision", "projector", "full")
     for ax, title, keys in (
         (axes[0], "loss", ["loss", "answer_loss", "box_loss", "image_word_loss", "attention_loss"]),
         (axes[1], "vision heads: per-patch accuracy", ["colour_acc", "dot_acc", "vision_colour_acc", "vision_dot_acc"]),
         (axes[2], "stages 2-3: teacher-forced accuracy", ["acc_macro", "acc_micro", "acc_scoring", "acc_box_tokens"]),
+        (axes[3], "box numbers: mean error, hundredths", ["box_number_error", "number_probe_error"]),
     ):
         for key in keys:
             for stage in stages:
