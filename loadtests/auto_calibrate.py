@@ -34,6 +34,7 @@ from pathlib import Path
 from clients.eval.scoring import score
 from training.task import GLOBAL_KINDS
 
+from .auto_sweep import parse_thresholds
 from .report import replace_section, section
 
 DETAIL_KINDS = ("detail", "detail_mc")
@@ -424,11 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         "(it must have the markers, as docs/performance.md does)",
     )
     args = p.parse_args(argv)
-    try:
-        thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
-    except ValueError:
-        thresholds = []
-    if not thresholds or not all(0.0 <= t <= 1.0 for t in thresholds):
+    thresholds = parse_thresholds(args.thresholds)
+    if not thresholds:
         p.error("--thresholds: comma-separated numbers between 0 and 1")
     if not 0.0 < args.target_gain <= 1.0:
         p.error("--target-gain: above 0, at most 1")

@@ -30,6 +30,15 @@ from . import scenes
 from .loadgen import git_revision, machine, request_fn, run_load, summarize
 
 
+def parse_thresholds(text: str) -> list[float]:
+    """A --thresholds value: comma-separated zoom thresholds, 0-1; [] if it is not that."""
+    try:
+        thresholds = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        return []
+    return thresholds if all(0.0 <= t <= 1.0 for t in thresholds) else []
+
+
 def configurations(thresholds: list[float]) -> list[tuple[str, str, float | None]]:
     """(name, mode, threshold) per configuration."""
     return [("macro", "macro", None), ("dualfocus", "dualfocus", None)] + [
@@ -98,12 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=16, help="default: %(default)s")
     p.add_argument("--out", type=Path, required=True, help="folder for one JSON per run and summary.json")
     args = p.parse_args(argv)
-    try:
-        thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
-    except ValueError:
-        thresholds = []
-    if not thresholds or not all(0.0 <= t <= 1.0 for t in thresholds):
-        p.error("--thresholds: numbers between 0 and 1")
+    thresholds = parse_thresholds(args.thresholds)
+    if not thresholds:
+        p.error("--thresholds: comma-separated numbers between 0 and 1")
     if args.task is not None:
         if args.task < 4 or args.task % 4:
             p.error("--task: a positive multiple of 4 (kinds in turn: detail, detail_mc, count, presence), "
