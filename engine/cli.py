@@ -7,7 +7,7 @@ import argparse
 import asyncio
 import json
 
-from .config import DEFAULT_MODEL, EngineConfig
+from .config import CPU_BLOCK_SIZE, DEFAULT_MODEL, EngineConfig
 from .image_work import BIG_PIXELS, default_threads
 from .trace import MODES
 
@@ -73,6 +73,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="skip graph capture (default: on for CPU, off for GPU)",
     )
     g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in a batch (default: vLLM's)")
+    g.add_argument(
+        "--block-size",
+        type=_positive_int,
+        default=None,
+        help="tokens per KV-cache block; the prefix cache shares whole blocks, so each DualFocus follow-up "
+        f"recomputes up to one block of the earlier prompt (default: {CPU_BLOCK_SIZE} on CPU, vLLM's on GPU)",
+    )
     g.add_argument("--dtype", default="auto", help="default: %(default)s")
     g.add_argument(
         "--kv-events-config",
@@ -119,6 +126,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="zoom only into boxes covering at most this share of the image: a bigger box gives the micro pass "
         "nearly the picture the macro pass saw; 1 lifts the limit. Not calibrated (default: %(default)s)",
     )
+    g.add_argument(
+        "--zoom-early-box",
+        action="store_true",
+        help="start the box pass beside the macro pass and abort it when the answer is confident, as mode "
+        "dualfocus starts it: a zoomed request is one pass quicker at low load, but every request pays for "
+        "the box's prompt (default: the box pass runs only after an unsure answer)",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -156,12 +170,14 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager,
         max_num_seqs=args.max_num_seqs,
+        block_size=args.block_size,
         dtype=args.dtype,
         extra={"kv_events_config": args.kv_events_config} if args.kv_events_config else {},
         max_images_per_request=args.max_images_per_request,
         image_threads=args.image_threads,
         zoom_threshold=args.zoom_threshold,
         zoom_max_box_area=args.zoom_max_box_area,
+        zoom_early_box=args.zoom_early_box,
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from .gate import DEFAULT_MAX_BOX_AREA, DEFAULT_THRESHOLD, check_share
 
 DEFAULT_MODEL = "tiny-llava"
+CPU_BLOCK_SIZE = 32  # the CPU attention backend wants multiples of 32
 
 
 @dataclass
@@ -33,6 +34,10 @@ class EngineConfig:
     enforce_eager: bool | None = None  # None: on for CPU (no graphs to capture there)
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    # Tokens per KV block: the prefix cache shares whole blocks, so each follow-up pass recomputes
+    # up to a block of its earlier pass's prompt. None: 32 on CPU (vLLM's CPU default, 128, makes
+    # every fork recompute up to 127 tokens), vLLM's choice elsewhere (16 on GPU).
+    block_size: int | None = None
     dtype: str = "auto"
     seed: int = 0
     box_max_tokens: int = 64
@@ -41,9 +46,10 @@ class EngineConfig:
     # Threads per lane for image work (engine/image_work.py); None: one per two cores, at most 4.
     image_threads: int | None = None
     # Mode auto's gate (engine/gate.py): zoom only when the macro answer's confidence is below
-    # zoom_threshold and the box covers at most zoom_max_box_area of the image. Provisional values.
+    # zoom_threshold and the box covers at most zoom_max_box_area of the image (the threshold calibrated on tiny-dualfocus).
     zoom_threshold: float = DEFAULT_THRESHOLD
     zoom_max_box_area: float = DEFAULT_MAX_BOX_AREA
+    zoom_early_box: bool = False  # ZoomGate.early_box
     # Any further vllm.AsyncEngineArgs field, passed through unchanged.
     extra: dict = field(default_factory=dict)
 
@@ -94,6 +100,11 @@ class EngineConfig:
             kv_cache_gib = 4
         if kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+        block_size = self.block_size
+        if block_size is None and current_platform.is_cpu():
+            block_size = CPU_BLOCK_SIZE
+        if block_size is not None:
+            kwargs["block_size"] = block_size
         for name in ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)

@@ -79,7 +79,7 @@ class DualFocusEngine:
     def zoom_gate(self, query: Query) -> ZoomGate:
         """Mode auto's gate: the request's own threshold if it set one, else the engine's."""
         threshold = self.config.zoom_threshold if query.zoom_threshold is None else query.zoom_threshold
-        return ZoomGate(threshold, self.config.zoom_max_box_area)
+        return ZoomGate(threshold, self.config.zoom_max_box_area, self.config.zoom_early_box)
 
     def shutdown(self) -> None:
         self.image_workers.shutdown()

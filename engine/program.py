@@ -14,10 +14,12 @@
     5. fuse: identical answers stand; otherwise score both as replies to a
        prompt sharing the micro prompt's prefix; lower perplexity wins
 
-Mode auto (adaptive DualFocus) runs 1-2 as above, then asks the zoom gate
-(engine/gate.py) whether zooming pays: only if the macro answer is unsure and
-the box gives a small enough crop do 3-5 run. A confident macro answer that
-arrives before the box aborts the box pass.
+Mode auto (adaptive DualFocus) asks the zoom gate (engine/gate.py) whether
+zooming pays: only if the macro answer is unsure and the box gives a small
+enough crop do 3-5 run. It runs the macro pass first and the box pass only
+after an unsure answer, so a confident one costs a single pass; with the gate's
+`early_box`, 1-2 run as above and a confident macro answer that arrives before
+the box aborts the box pass (lower latency when zooming, more compute).
 
 Family details (templates, box format, coordinates) come from the adapter; the
 passes run on the pass runner (engine/runner.py), which knows vLLM.
@@ -27,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from types import TracebackType
+from typing import Any
 
 from PIL import Image
 
@@ -79,40 +83,56 @@ async def run_dualfocus(
     micro: PassOutput | None = None
     crop: ModelImage | None = None
     crop_trace = None
-    async with _tasks() as tasks:
-        # 1-2. Box first: it is on the critical path. The macro pass waits for the box
-        # prompt to be prefilled (`started`), then reuses its cached prefix.
-        box_task = tasks.create_task(
-            runner.generate(
-                box_prompt,
-                shown,
-                runner.box_params(adapter.box_regex_for(width, height)),
-                f"{request_id}-box",
-                PRIORITY_NEW,
-                started=started,
-            )
-        )
-        await _first_of(started, box_task)
-        macro_task = tasks.create_task(
-            runner.generate(
-                adapter.macro_prompt(prefix, query.question),
-                shown,
-                answer_params(token_logprobs=gate is not None),  # the gate reads the answer's confidence
-                f"{request_id}-macro",
-                PRIORITY_STARTED,
-            )
+
+    def box_pass(priority: int, on_prefilled: asyncio.Event | None = None) -> Coroutine[Any, Any, PassOutput]:
+        return runner.generate(
+            box_prompt,
+            shown,
+            runner.box_params(adapter.box_regex_for(width, height)),
+            f"{request_id}-box",
+            priority,
+            started=on_prefilled,
         )
 
-        # 2b. Auto: a confident macro answer is kept whatever the box, so if it comes first the
-        # box pass is aborted (vLLM frees its KV blocks).
+    def macro_pass(priority: int, on_prefilled: asyncio.Event | None = None) -> Coroutine[Any, Any, PassOutput]:
+        return runner.generate(
+            adapter.macro_prompt(prefix, query.question),
+            shown,
+            answer_params(token_logprobs=gate is not None),  # the gate reads the answer's confidence
+            f"{request_id}-macro",
+            priority,
+            started=on_prefilled,
+        )
+
+    async with _tasks() as tasks:
+        box_task: asyncio.Task[PassOutput] | None = None
         box_aborted = False
-        if gate is not None:
-            await asyncio.wait({macro_task, box_task}, return_when=asyncio.FIRST_COMPLETED)
-            if macro_task.done() and not box_task.done() and gate.confident(_confidence(adapter, macro_task.result())):
-                box_task.cancel()
-                await asyncio.wait({box_task})
-                box_aborted = box_task.cancelled()  # else it finished meanwhile: its box is traced
-        if not box_aborted:
+        if gate is None or gate.early_box:
+            # 1-2. Box first: it is on the critical path. The macro pass waits for the box
+            # prompt to be prefilled (`started`), then reuses its cached prefix.
+            box_task = tasks.create_task(box_pass(PRIORITY_NEW, started))
+            await _first_of(started, box_task)
+            macro_task = tasks.create_task(macro_pass(PRIORITY_STARTED))
+            # 2b. Auto: a confident macro answer is kept whatever the box, so if it comes first the
+            # box pass is aborted (vLLM frees its KV blocks).
+            if gate is not None:
+                await asyncio.wait({macro_task, box_task}, return_when=asyncio.FIRST_COMPLETED)
+                if (
+                    macro_task.done()
+                    and not box_task.done()
+                    and gate.confident(_confidence(adapter, macro_task.result()))
+                ):
+                    box_task.cancel()
+                    await asyncio.wait({box_task})
+                    box_aborted = box_task.cancelled()  # else it finished meanwhile: its box is traced
+        else:
+            # 1-2. Auto, box on demand: macro first, as a single pass would run. A confident answer
+            # needs no box, so most requests cost one pass; after an unsure one the box pass reads
+            # the images' KV from the macro pass's cache.
+            macro_task = tasks.create_task(macro_pass(PRIORITY_NEW, started))
+            if not gate.confident(_confidence(adapter, await macro_task)):
+                box_task = tasks.create_task(box_pass(PRIORITY_STARTED))
+        if box_task is not None and not box_aborted:
             box = await box_task
 
         # 3. Crop.
@@ -132,7 +152,7 @@ async def run_dualfocus(
             macro_confidence = _confidence(adapter, await macro_task)
             verdict = gate.decide(
                 macro_confidence,
-                box_trace.outcome if box_trace is not None else "aborted",
+                box_trace.outcome if box_trace is not None else "not run",
                 plan is not None and plan.usable,
                 area,
             )

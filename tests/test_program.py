@@ -136,10 +136,10 @@ async def test_a_single_pass_streams_its_text_and_has_no_image_without_one(adapt
 
 # --- mode auto: the zoom gate (engine/gate.py) ---------------------------------------------------
 
-async def run_auto(runner, adapter, threshold, max_box_area=0.5, **query):
+async def run_auto(runner, adapter, threshold, max_box_area=0.5, early_box=False, **query):
     return await run_dualfocus(runner, adapter, WORKERS, Query("What colour is the square?", [IMAGE], mode="auto",
                                                                **query),
-                               "r1", asyncio.Event(), ZoomGate(threshold, max_box_area))
+                               "r1", asyncio.Event(), ZoomGate(threshold, max_box_area, early_box))
 
 
 UNSURE = math.log(0.3)  # each macro token's logprob: confidence 0.3
@@ -149,7 +149,8 @@ async def test_auto_at_threshold_one_zooms_an_unsure_answer_and_fuses(adapter):
     runner = FakeRunner({"box": BOX, "macro": "red", "micro": "crimson"}, nll={"macro": 2.0, "micro": 1.0},
                         token_logprob={"macro": UNSURE})
     result = await run_auto(runner, adapter, threshold=1.0)
-    assert [p.kind for p in runner.passes] == ["box", "macro", "micro", "score-macro", "score-micro"]
+    # Box on demand: the macro pass first, then, its answer unsure, the box pass.
+    assert [p.kind for p in runner.passes] == ["macro", "box", "micro", "score-macro", "score-micro"]
     t = result.trace
     assert t.mode == "auto" and t.chosen == "micro" and result.answer == "crimson" and t.micro_answer == "crimson"
     g = t.gate
@@ -162,15 +163,36 @@ async def test_auto_at_threshold_one_zooms_an_unsure_answer_and_fuses(adapter):
     assert macro.params[2] is True and micro.params[2] is False
 
 
-async def test_auto_at_threshold_zero_keeps_the_macro_answer_without_a_micro_pass(adapter):
+async def test_auto_at_threshold_zero_keeps_the_macro_answer_without_running_the_box_pass(adapter):
     runner = FakeRunner({"box": BOX, "macro": "red"}, token_logprob={"macro": UNSURE})
     result = await run_auto(runner, adapter, threshold=0.0)
-    assert [p.kind for p in runner.passes] == ["box", "macro"]  # the box came first: nothing to abort
+    assert [p.kind for p in runner.passes] == ["macro"]  # a confident answer costs one pass
     t = result.trace
     assert result.answer == "red" and t.chosen == "macro" and t.why == "no zoom: confident"
-    assert t.micro_answer is None and t.crop is None and t.scores is None and set(t.stages) == {"box", "macro"}
-    assert t.box.outcome == "ok"  # still traced: it was there when the gate decided
+    assert t.micro_answer is None and t.crop is None and t.scores is None and set(t.stages) == {"macro"}
+    assert t.box is None and t.gate.box_area is None and not t.gate.box_aborted
     assert not t.gate.zoomed and t.gate.confidence == pytest.approx(0.3) and t.gate.threshold == 0.0
+
+
+async def test_the_box_pass_on_demand_extends_the_conversation_as_the_macro_pass_did(adapter):
+    """The box prompt shares the macro prompt's prefix (the images' KV, cached by the macro pass)."""
+    runner = FakeRunner({"box": BOX, "macro": "red", "micro": "red"}, token_logprob={"macro": UNSURE})
+    await run_auto(runner, adapter, threshold=0.5)
+    macro, box = runner.passes[:2]
+    prefix = adapter.conversation_prefix([], 1)
+    assert macro.prompt_ids == adapter.macro_prompt(prefix, "What colour is the square?")
+    assert box.prompt_ids == adapter.box_prompt(prefix, "What colour is the square?")
+    shared = next(i for i, (a, b) in enumerate(zip(macro.prompt_ids, box.prompt_ids)) if a != b)
+    assert CharTokenizer.image_id in macro.prompt_ids[:shared]  # the image lies in the shared part
+
+
+async def test_with_early_box_a_confident_answer_after_the_box_keeps_the_box_traced(adapter):
+    runner = FakeRunner({"box": BOX, "macro": "red"}, token_logprob={"macro": UNSURE})
+    result = await run_auto(runner, adapter, threshold=0.0, early_box=True)
+    assert [p.kind for p in runner.passes] == ["box", "macro"]  # the box came first: nothing to abort
+    t = result.trace
+    assert result.answer == "red" and t.why == "no zoom: confident" and set(t.stages) == {"box", "macro"}
+    assert t.box.outcome == "ok"  # still traced: it was there when the gate decided
     assert not t.gate.box_aborted and runner.cancelled == []
 
 
@@ -182,9 +204,9 @@ async def test_auto_between_zooms_below_the_threshold_only(adapter, threshold, z
     assert result.trace.gate.why == ("unsure" if zoomed else "confident")
 
 
-async def test_a_confident_macro_answer_before_the_box_aborts_the_box_pass(adapter):
+async def test_with_early_box_a_confident_macro_answer_before_the_box_aborts_the_box_pass(adapter):
     runner = FakeRunner({"macro": "red"}, hold=("box",), token_logprob={"macro": math.log(0.9)})
-    result = await run_auto(runner, adapter, threshold=0.5)
+    result = await run_auto(runner, adapter, threshold=0.5, early_box=True)
     assert runner.cancelled == ["box"]  # cancelled: the runner aborts it in vLLM
     t = result.trace
     assert result.answer == "red" and t.chosen == "macro" and t.why == "no zoom: confident"
@@ -192,10 +214,10 @@ async def test_a_confident_macro_answer_before_the_box_aborts_the_box_pass(adapt
     assert t.box is None and t.crop is None and set(t.stages) == {"macro"}
 
 
-async def test_an_unsure_macro_answer_before_the_box_waits_for_it_then_zooms(adapter):
+async def test_with_early_box_an_unsure_macro_answer_before_the_box_waits_for_it_then_zooms(adapter):
     runner = FakeRunner({"box": BOX, "macro": "red", "micro": "red"}, delay={"box": 0.05},
                         token_logprob={"macro": UNSURE})
-    result = await run_auto(runner, adapter, threshold=0.5)
+    result = await run_auto(runner, adapter, threshold=0.5, early_box=True)
     assert runner.cancelled == [] and [p.kind for p in runner.passes] == ["box", "macro", "micro"]
     assert result.trace.gate.zoomed and not result.trace.gate.box_aborted and result.trace.box.outcome == "ok"
 
@@ -205,7 +227,7 @@ async def test_an_unsure_macro_answer_before_the_box_waits_for_it_then_zooms(ada
 async def test_an_unsure_answer_is_kept_when_the_box_gives_nothing_worth_zooming_into(adapter, box, why):
     runner = FakeRunner({"box": box, "macro": "red"}, token_logprob={"macro": UNSURE})
     result = await run_auto(runner, adapter, threshold=1.0)
-    assert [p.kind for p in runner.passes] == ["box", "macro"]
+    assert [p.kind for p in runner.passes] == ["macro", "box"]
     assert result.trace.gate.why == why and result.trace.why == f"no zoom: {why}" and result.answer == "red"
 
 
