@@ -182,7 +182,7 @@ async def test_the_box_pass_on_demand_extends_the_conversation_as_the_macro_pass
     prefix = adapter.conversation_prefix([], 1)
     assert macro.prompt_ids == adapter.macro_prompt(prefix, "What colour is the square?")
     assert box.prompt_ids == adapter.box_prompt(prefix, "What colour is the square?")
-    shared = next(i for i, (a, b) in enumerate(zip(macro.prompt_ids, box.prompt_ids)) if a != b)
+    shared = next(i for i, (a, b) in enumerate(zip(macro.prompt_ids, box.prompt_ids, strict=False)) if a != b)
     assert CharTokenizer.image_id in macro.prompt_ids[:shared]  # the image lies in the shared part
 
 
