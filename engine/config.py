@@ -46,7 +46,8 @@ class EngineConfig:
     # Threads per lane for image work (engine/image_work.py); None: one per two cores, at most 4.
     image_threads: int | None = None
     # Mode auto's gate (engine/gate.py): zoom only when the macro answer's confidence is below
-    # zoom_threshold and the box covers at most zoom_max_box_area of the image (the threshold calibrated on tiny-dualfocus).
+    # zoom_threshold and the box covers at most zoom_max_box_area of the image (threshold: calibrated on
+    # tiny-dualfocus).
     zoom_threshold: float = DEFAULT_THRESHOLD
     zoom_max_box_area: float = DEFAULT_MAX_BOX_AREA
     zoom_early_box: bool = False  # ZoomGate.early_box

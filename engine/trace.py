@@ -74,7 +74,7 @@ class GateTrace:
     threshold: float  # zoom only below this confidence
     box_area: float | None  # the box's share of the image; None without a box
     max_box_area: float  # zoom only into boxes covering at most this share
-    box_aborted: bool  # the gate decided before the box pass ended, and aborted it
+    box_aborted: bool  # with ZoomGate.early_box: the gate decided before the box pass ended, and aborted it
 
     @property
     def decision(self) -> ZoomDecision:

@@ -50,8 +50,11 @@ class ReferencePipeline:
     @torch.inference_mode()
     def generate(self, ids, images, max_new_tokens) -> list[int]:
         input_ids, pixels = self._inputs(ids, images)
+        # A random model may reply with the image placeholder (ours cannot: its box pass is grammar-guided);
+        # in the micro prompt, which extends the box reply, it would ask for an image that is not there.
         out = self.model.generate(input_ids=input_ids, pixel_values=pixels, max_new_tokens=max_new_tokens,
-                                  do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+                                  do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+                                  suppress_tokens=[self.image_token])
         return out[0, input_ids.shape[1]:].tolist()
 
     @torch.inference_mode()

@@ -94,7 +94,7 @@ class ServerMetrics:
         t = result.trace
         if t.gate is not None:
             self.zoom_decisions.labels(t.gate.decision).inc()
-        if t.box is not None:  # mode auto's box pass may have been aborted
+        if t.box is not None:  # mode auto runs no box pass for a confident answer (or aborts it)
             self.box_outcomes.labels(t.box.outcome).inc()
         if t.mode == "dualfocus" or (t.gate is not None and t.gate.zoomed):  # answers that went through fusion
             self.fusion.labels(t.chosen).inc()

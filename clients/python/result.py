@@ -32,7 +32,7 @@ class Gate:
     threshold: float
     box_area: float | None  # the box's share of the image
     max_box_area: float
-    box_aborted: bool  # decided before the box pass ended, which was aborted
+    box_aborted: bool  # (server flag --zoom-early-box) decided before the box pass ended, which was aborted
 
 
 @dataclass

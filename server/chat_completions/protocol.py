@@ -149,7 +149,9 @@ class GateTrace(BaseModel):
     threshold: float = Field(description="zoom only below this confidence")
     box_area: float | None = Field(description="the box's share of the image; null without a box")
     max_box_area: float = Field(description="zoom only into boxes covering at most this share of the image")
-    box_aborted: bool = Field(description="the gate decided before the box pass ended, and aborted it")
+    box_aborted: bool = Field(
+        description="with the server's --zoom-early-box: the gate decided before the box pass ended, and aborted it"
+    )
 
 
 class DualFocusTrace(BaseModel):
