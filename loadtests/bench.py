@@ -128,11 +128,19 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 
 
 def measure(port: int, system: str, mode: str, shape: Shape, levels: list[int], items, warmup, max_tokens: int,
-            options: dict | None = None) -> dict:
+            options: dict | None = None, zoom_share: float | None = None) -> dict:
     async def go():
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                     timeout=1800)
-        send = request_fn(system, client, shape.model, mode, max_tokens, stream=False, **(options or {}))
+        if zoom_share is None:
+            send = request_fn(system, client, shape.model, mode, max_tokens, stream=False, **(options or {}))
+        else:  # every 1/share-th item zooms (threshold 1), the rest do not (0)
+            zooming = {id(item) for i, item in enumerate(items) if int((i + 1) * zoom_share) > int(i * zoom_share)}
+            by_threshold = {t: request_fn(system, client, shape.model, mode, max_tokens, stream=False,
+                                          zoom_threshold=t) for t in (0.0, 1.0)}
+
+            def send(item):
+                return by_threshold[1.0 if id(item) in zooming else 0.0](item)
         if mode == "auto":  # refused by a server without mode auto: reported as not run, not as errors
             try:
                 await send(warmup[0])
@@ -176,6 +184,10 @@ def main(argv=None) -> int:
                    help=f"questions for the reference way (default: tiny {SHAPES['tiny'].reference_questions}, "
                         f"compute {SHAPES['compute'].reference_questions})")
     p.add_argument("--zoom-threshold", type=float, help="ours-auto: the gate's threshold (default: the server's)")
+    p.add_argument("--zoom-share", type=float, metavar="0-1",
+                   help="ours-auto: make this share of its requests zoom (evenly spread; per-request threshold 1, "
+                        "the rest 0, and the server's box-area limit lifted), as a trained model's unsure answers "
+                        "would: random weights cannot say which answers are unsure")
     p.add_argument("--port", type=int, default=8700)
     p.add_argument("--no-docs", action="store_true",
                    help="write the results JSON only, not docs/benchmarks.md (smoke runs, supplementary runs)")
@@ -204,8 +216,12 @@ def main(argv=None) -> int:
     results = {"command": "make bench" if argv is None and len(sys.argv) == 1 else command,
                "git": git_revision(), "machine": machine(), "max_tokens": args.max_tokens,
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shapes": {}}
+    if args.zoom_threshold is not None and args.zoom_share is not None:
+        p.error("--zoom-threshold and --zoom-share: one or the other")
     if args.zoom_threshold is not None:
         results["zoom_threshold"] = args.zoom_threshold
+    if args.zoom_share is not None:
+        results["zoom_share"] = args.zoom_share
     if args.baseline:
         results["baseline"] = {"git": git_short(args.baseline)}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers it started
@@ -251,7 +267,8 @@ def run_shape(shape: Shape, levels: list[int], reference_questions: int, run_sys
     options = {"zoom_threshold": args.zoom_threshold} if args.zoom_threshold is not None else None
     logs = ROOT / "loadtests" / "results" / "tmp"
     logs.mkdir(parents=True, exist_ok=True)
-    out.update({"model": shape.model, "levels": levels, "lm_parameters": lm_parameters(path), "server_env": shape.server_env,
+    out.update({"model": shape.model, "levels": levels, "lm_parameters": lm_parameters(path),
+                "server_env": shape.server_env,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average_1m": {"start": os.getloadavg()[0]},
                 "systems": {}})
 
@@ -264,13 +281,16 @@ def run_shape(shape: Shape, levels: list[int], reference_questions: int, run_sys
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
             src = export(commit, Path(tmp) / "src") if commit else None  # the repository's files at that commit
             env = {**os.environ, **shape.server_env, **({"PYTHONPATH": str(src)} if src else {})}
+            lift = ["--zoom-max-box-area", "1"] if args.zoom_share is not None else []  # random boxes are any size
             server = start([*serve_command(src), "--port", str(args.port), "--model", shape.model,
-                            "--max-inflight-requests", "256"], args.port, logs / f"{name}-{shape.name}.log", env)
+                            "--max-inflight-requests", "256", *lift],
+                           args.port, logs / f"{name}-{shape.name}.log", env)
             try:
                 for mode in modes:
                     out["systems"][f"{name}-{mode}"] = measure(args.port, "ours", mode, shape, levels, items[mode],
                                                                warmup, args.max_tokens,
-                                                               options if mode == "auto" else None)
+                                                               options if mode == "auto" else None,
+                                                               args.zoom_share if mode == "auto" else None)
                     save()
                 if name == "ours" and shape.name == "tiny" and {"dualfocus", "macro"} <= set(modes):
                     print("this service: conversations (loadtests/conversation.py)", flush=True)
