@@ -127,6 +127,11 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def zoom_picks(n: int, share: float) -> list[bool]:
+    """Which of n requests zoom under --zoom-share: round(share x n) of them, evenly spread."""
+    return [int((i + 1) * share + 0.5) > int(i * share + 0.5) for i in range(n)]
+
+
 def measure(port: int, system: str, mode: str, shape: Shape, levels: list[int], items, warmup, max_tokens: int,
             options: dict | None = None, zoom_share: float | None = None) -> dict:
     async def go():
@@ -134,8 +139,8 @@ def measure(port: int, system: str, mode: str, shape: Shape, levels: list[int], 
                                     timeout=1800)
         if zoom_share is None:
             send = request_fn(system, client, shape.model, mode, max_tokens, stream=False, **(options or {}))
-        else:  # every 1/share-th item zooms (threshold 1), the rest do not (0)
-            zooming = {id(item) for i, item in enumerate(items) if int((i + 1) * zoom_share) > int(i * zoom_share)}
+        else:  # a share of the items zooms (threshold 1), the rest do not (0)
+            zooming = {id(item) for item, zooms in zip(items, zoom_picks(len(items), zoom_share), strict=True) if zooms}
             by_threshold = {t: request_fn(system, client, shape.model, mode, max_tokens, stream=False,
                                           zoom_threshold=t) for t in (0.0, 1.0)}
 

@@ -160,3 +160,12 @@ def test_stopping_a_server_ends_its_children_too(tmp_path):
     while state() not in ("", "Z") and time.time() < deadline:
         time.sleep(0.05)
     assert state() in ("", "Z")
+
+
+@pytest.mark.parametrize("n, share, zooming", [(10, 0.3, 3), (64, 0.27, 17), (4, 0.3, 1), (10, 0.0, 0), (10, 1.0, 10)])
+def test_zoom_share_picks_that_share_of_requests_spread_out(n, share, zooming):
+    picks = bench.zoom_picks(n, share)
+    assert len(picks) == n and sum(picks) == zooming
+    if zooming and zooming < n:  # spread: no two of them together when fewer than half zoom
+        runs = "".join("x" if p else "." for p in picks).split(".")
+        assert max(map(len, runs)) == 1 or zooming > n // 2
