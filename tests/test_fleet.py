@@ -87,8 +87,11 @@ def test_a_follow_up_question_lands_where_its_image_is_cached(fleet):
 
     firsts, spread, follow_ups = asyncio.run(rounds())
     assert min(spread) > 0, f"the first questions all went to one replica: {spread}"
-    assert all((r.usage.prompt_tokens_details.cached_tokens or 0) == 0 for r in firsts), "images never seen before"
     image_tokens = 576  # tiny-llava: a 336x336 CLIP grid, like LLaVA-1.5
+    # Images never seen before: nothing of theirs cached. (The template's text before the image is the
+    # same in every request: its whole 32-token blocks are.)
+    assert all((r.usage.prompt_tokens_details.cached_tokens or 0) < 0.25 * image_tokens for r in firsts), [
+        r.usage.prompt_tokens_details.cached_tokens for r in firsts]
     cached = [r.usage.prompt_tokens_details.cached_tokens or 0 for r in follow_ups]
     # Most of the image read from cache (vLLM caches whole blocks); on the other replica: 0.
     assert all(c >= 0.75 * image_tokens for c in cached), cached
