@@ -138,7 +138,8 @@ async def stock_dualfocus(client: openai.AsyncOpenAI, model: str, item: Item, ma
             count(r)
             return _reply_nll(r.prompt_logprobs, text)
 
-        scores = dict(zip(decision.candidates, await asyncio.gather(*map(score, decision.candidates.values()))))
+        nlls = await asyncio.gather(*map(score, decision.candidates.values()))  # one per candidate, in order
+        scores = dict(zip(decision.candidates, nlls, strict=True))
         chosen, _ = pick_by_score(scores)
     return Sample(True, time.perf_counter() - t0, None, output_tokens, prompt_tokens, cached,
                   extra={"chosen": chosen})

@@ -7,6 +7,7 @@ import pytest
 import pytest_asyncio
 
 from engine import DualFocusEngine, EngineConfig, Query, Sampling
+from engine.config import CPU_BLOCK_SIZE
 from engine.errors import RetryableEngineError
 from engine.query import Turn
 from engine.runner import PRIORITY_NEW, ModelImage
@@ -311,8 +312,8 @@ async def test_a_system_message_goes_into_every_pass_and_all_passes_share_one_pr
     assert common >= len(prefix) - 1 + 576
     assert result.trace.stages["macro"].cached_tokens >= block_floor(engine, common)
     # On CPU the blocks are 32 tokens (EngineConfig.block_size), not vLLM's 128: a fork recomputes less.
-    assert engine.llm.vllm_config.cache_config.block_size == 32
-    assert common - result.trace.stages["macro"].cached_tokens < 32
+    assert engine.llm.vllm_config.cache_config.block_size == CPU_BLOCK_SIZE == 32
+    assert common - result.trace.stages["macro"].cached_tokens < CPU_BLOCK_SIZE
 
 
 async def test_turn_two_about_the_same_image_reads_its_kv_from_the_cache(engine):
