@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -129,10 +130,11 @@ class PassRunner:
 
     # --- sampling parameters ----------------------------------------------------------------
 
-    def answer_params(self, s: Sampling, token_logprobs: bool = False) -> Any:
+    def answer_params(self, s: Sampling, token_logprobs: bool = False, banned: Sequence[int] = ()) -> Any:
         """Fresh parameters for an answer pass (vLLM takes ownership of the ones it is given).
         `token_logprobs`: the sampled tokens' logprobs too (PassOutput.logprobs), even if the
-        request did not ask for logprobs (mode auto's gate reads them)."""
+        request did not ask for logprobs (mode auto's gate reads them). `banned`: token ids the
+        answer must not contain, whatever the request's logit_bias says."""
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
@@ -151,7 +153,7 @@ class PassRunner:
                 stop=s.stop or None,
                 presence_penalty=s.presence_penalty,
                 frequency_penalty=s.frequency_penalty,
-                logit_bias=s.logit_bias,
+                logit_bias={**(s.logit_bias or {}), **{str(t): -100.0 for t in banned}} or None,
                 # 0: only the sampled token's logprob; a request's own top-k include it.
                 logprobs=0 if token_logprobs and s.logprobs is None else s.logprobs,
                 structured_outputs=structured,

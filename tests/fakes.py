@@ -4,7 +4,7 @@ layer) and a pass runner (for the DualFocus program). Neither loads a model or i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine import EngineCounters, ModelInfo, Query, Result, Sampling, TokenLogprob
@@ -145,8 +145,8 @@ class FakeRunner:
         self.scored: dict[str, list[int]] = {}  # candidate -> the reply ids scored
         self.cancelled: list[str] = []
 
-    def answer_params(self, sampling: Sampling, token_logprobs: bool = False) -> object:
-        return ("answer", sampling, token_logprobs)
+    def answer_params(self, sampling: Sampling, token_logprobs: bool = False, banned: Sequence[int] = ()) -> object:
+        return ("answer", sampling, token_logprobs, tuple(banned))
 
     def box_params(self, regex: str | None = None) -> object:
         return ("box", regex)
