@@ -8,7 +8,7 @@ MODEL ?= tiny-dualfocus
 help:
 	@echo "make serve   set up, build the default tiny model if missing, and serve it on 127.0.0.1:8000"
 	@echo "make test    set up, then run the whole test suite (after make lint)"
-	@echo "make lint    ruff (lint, format) and mypy on engine/ server/ clients/"
+	@echo "make lint    ruff lint on engine/ server/ clients/ loadtests/ tests/; ruff format and mypy on the first three"
 	@echo "make test-fast  the tests that need no vLLM engine (seconds)"
 	@echo "make models  build the embedded tiny checkpoints (prints NAME PATH)"
 	@echo "make eval    the generated zoom-in task, macro vs DualFocus, on tiny-dualfocus (docs/paper.md; ~10 min)"
@@ -39,11 +39,13 @@ serve: install
 	$(PY) -m clients build-tiny $(MODEL)
 	$(PY) -m clients serve --model $(MODEL) $(SERVE_FLAGS)
 
-# ruff (lint and format) and mypy on the packages; configured in pyproject.toml.
-LINTED := engine server clients
+# ruff's lint on the packages and the code that tests them; its format and mypy on the
+# packages. Configured in pyproject.toml.
+PACKAGES := engine server clients
+LINTED := $(PACKAGES) loadtests tests
 lint: install
 	$(PY) -m ruff check $(LINTED)
-	$(PY) -m ruff format --check $(LINTED)
+	$(PY) -m ruff format --check $(PACKAGES)
 	$(PY) -m mypy
 
 test: install test-tools lint

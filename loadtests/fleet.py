@@ -38,7 +38,9 @@ ROUTER = [sys.executable, "-m", "vllm_router.launch_router"]
 # The router's OnRequest middleware that gives an image request a session key made from its image
 # (deploy/router/image_affinity.wat; loadtests/router_middleware.py builds it).
 IMAGE_AFFINITY = ROOT / "deploy" / "router" / "image_affinity.wasm"
-POLICIES = ("cache_aware", "round_robin", "power_of_two", "consistent_hash", "sticky_least_loaded", "random", "kv_aware")
+POLICIES = (
+    "cache_aware", "round_robin", "power_of_two", "consistent_hash", "sticky_least_loaded", "random", "kv_aware"
+)
 # How the router watches the replicas: a dead one is out after HEALTH_FAILURES failed checks
 # HEALTH_INTERVAL_S apart, and back in after two good ones (the router's default success threshold).
 HEALTH_INTERVAL_S = 2

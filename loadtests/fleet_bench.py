@@ -131,7 +131,7 @@ def measure(fleet: Fleet, config: str, mode: str, args: argparse.Namespace, seed
     samples, wall = asyncio.run(run_conversations(url, convs, args.concurrency, mode, args.max_tokens,
                                                   args.think_s, seed, not args.no_session_key))
     after = replica_counters(fleet, indexes)
-    delta = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before)]
+    delta = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before, strict=True)]
     hits, queries = sum(d["hits"] for d in delta), sum(d["queries"] for d in delta)
     ok = [s for s in samples if s.ok]
     result = {

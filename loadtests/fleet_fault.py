@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.fleet_fault", description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", default="sticky_least_loaded", help="the router's policy (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=4, help="clients at once (default: %(default)s)")
-    p.add_argument("--kill-after", type=float, default=10, help="seconds of load before the kill (default: %(default)s)")
+    p.add_argument("--kill-after", type=float, default=10,
+                   help="seconds of load before the kill (default: %(default)s)")
     p.add_argument("--after-return", type=float, default=15,
                    help="seconds of load once the router counts the replica healthy again (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=8, help="default: %(default)s")

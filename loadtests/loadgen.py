@@ -101,7 +101,9 @@ def summarize(samples: list[systems.Sample], wall_s: float) -> dict:
         "output_tokens_per_s": sum(s.output_tokens for s in ok) / wall_s if wall_s else 0.0,
         "latency_s": _percentiles(lat), "ttft_s": _percentiles(ttft) if ttft else None,
         "prompt_tokens_per_request": statistics.mean(s.prompt_tokens for s in ok) if ok else 0,
-        "computed_prompt_tokens_per_request": statistics.mean(s.prompt_tokens - s.cached_tokens for s in ok) if ok else 0,
+        "computed_prompt_tokens_per_request": (
+            statistics.mean(s.prompt_tokens - s.cached_tokens for s in ok) if ok else 0
+        ),
     }
     traces = [s.trace for s in ok if s.trace]
     if traces:

@@ -21,7 +21,8 @@ def scene(width=640, height=480, seed=0):
     image = Image.new("RGB", (width, height), (128, 128, 128))
     draw = ImageDraw.Draw(image)
     draw.rectangle((width // 10, height // 6, width // 3, height // 2), fill=(200 - 7 * seed % 200, 30, 30))
-    draw.ellipse((width // 2, height // 2, width - width // 8, height - height // 10), fill=(30, 60 + 11 * seed % 190, 220))
+    disc = (width // 2, height // 2, width - width // 8, height - height // 10)
+    draw.ellipse(disc, fill=(30, 60 + 11 * seed % 190, 220))
     return image
 
 

@@ -102,7 +102,8 @@ async def test_an_openai_request_becomes_the_engine_query():
         s = q.sampling
         assert (s.max_tokens, s.temperature, s.top_p, s.seed, s.stop) == (9, 0.5, 0.9, 3, ["END"])
 
-        # Plain string content, no image: the defaults (greedy; max_tokens min(512, context)); max_completion_tokens wins.
+        # Plain string content, no image: the defaults (greedy; max_tokens min(512, context));
+        # max_completion_tokens wins.
         await sdk(http).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi."}])
         q = engine.queries[-1]
         assert q.question == "Hi." and q.images == [] and q.mode == "dualfocus" and q.runs_as == "macro"

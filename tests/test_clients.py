@@ -77,7 +77,7 @@ def test_ask_many_keeps_order_and_reports_failures_in_place(client):
     items.insert(2, (b"not an image", "broken"))
     results = client.ask_many(items, concurrency=3, progress=False, max_tokens=6)
     assert isinstance(results[2], BadRequest) and "not an image" in str(results[2])
-    for result, image in zip(results[:2] + results[3:], images):
+    for result, image in zip(results[:2] + results[3:], images, strict=True):
         check(result, image)
 
 

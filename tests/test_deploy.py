@@ -650,7 +650,8 @@ def test_k8s_router_is_wired_to_the_replicas():
     assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     [endpoint] = monitor["spec"]["endpoints"]
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
-    assert monitor["metadata"]["labels"]["release"] == kind(base_documents(), "ServiceMonitor")["metadata"]["labels"]["release"]
+    base_monitor = kind(base_documents(), "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == base_monitor["metadata"]["labels"]["release"]
 
 
 def test_inference_pool_is_wired_to_the_replicas_and_the_picker():

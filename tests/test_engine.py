@@ -1,6 +1,7 @@
 """The DualFocus program on a real vLLM engine, once per tiny model family."""
 
 import asyncio
+import itertools
 import math
 
 import pytest
@@ -112,7 +113,7 @@ async def test_sixteen_concurrent_requests_all_complete(engine):
     results = await asyncio.gather(*[
         engine.answer(Query(QUESTIONS[i % len(QUESTIONS)], [images[i]], sampling=Sampling(max_tokens=12)))
         for i in range(16)])
-    for result, image in zip(results, images):
+    for result, image in zip(results, images, strict=True):
         check_complete(result, image)
     assert engine.num_unfinished_sequences == 0
 
@@ -164,7 +165,7 @@ async def test_a_pass_read_only_for_its_start_gets_two_outputs_and_the_same_answ
     assert started.is_set() and delivered["quiet-macro"] in (1, 2) and delivered["streamed-macro"] >= 2
     assert quiet.trace.stages["macro"].completion_tokens == 12 and len(pieces) >= 2
     assert quiet.answer == streamed.answer == pieces[-1] and quiet.answer
-    assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))  # text so far, growing
+    assert all(b.startswith(a) for a, b in itertools.pairwise(pieces))  # text so far, growing
     # The answer's logprobs, put together from the pieces, one per token either way.
     assert quiet.logprobs is not None and streamed.logprobs is not None
     assert [lp.token for lp in quiet.logprobs] == [lp.token for lp in streamed.logprobs]
@@ -175,9 +176,34 @@ async def test_request_sampling_applies_to_answers_and_the_box_stays_greedy(engi
     image = scene(seed=5)
     hot = Sampling(max_tokens=12, temperature=1.0, seed=7)
     first = await engine.answer(Query(QUESTIONS[4], [image], sampling=hot))
-    second = await engine.answer(Query(QUESTIONS[4], [image], sampling=Sampling(max_tokens=12, temperature=1.0, seed=8)))
+    other_seed = Sampling(max_tokens=12, temperature=1.0, seed=8)
+    second = await engine.answer(Query(QUESTIONS[4], [image], sampling=other_seed))
     assert first.trace.box.text == second.trace.box.text  # greedy whatever the request's sampling
-    assert (first.trace.macro_answer, first.trace.micro_answer) != (second.trace.macro_answer, second.trace.micro_answer)
+    answers = [(r.trace.macro_answer, r.trace.micro_answer) for r in (first, second)]
+    assert answers[0] != answers[1]
+
+
+async def test_answers_never_hold_an_image_placeholder_even_when_the_request_pushes_for_one(engine, monkeypatch):
+    # A model that said the placeholder would make every later prompt ask for an image the
+    # request does not have; a request's logit_bias pushes all answers toward it here.
+    placeholder = set(engine.adapter.image_ids())
+    push = Sampling(max_tokens=4, logit_bias={str(t): 100.0 for t in placeholder})
+    real, said = engine.llm.generate, {}
+
+    async def recording_generate(prompt, params, request_id, **kwargs):
+        async for out in real(prompt, params, request_id, **kwargs):
+            if out.finished:
+                said[request_id] = set(out.outputs[0].token_ids)
+            yield out
+
+    monkeypatch.setattr(engine.llm, "generate", recording_generate)
+    image = scene(seed=9)
+    plain = await engine.answer(Query(QUESTIONS[0], [image], sampling=push, mode="macro"), request_id="ph1")
+    # The push works on a lone pass: it says nothing but the placeholder.
+    assert plain.trace.mode == "macro" and said["ph1-macro"] and said["ph1-macro"] <= placeholder
+    result = await engine.answer(Query(QUESTIONS[0], [image], sampling=push), request_id="ph2")
+    check_complete(result, image)
+    assert not (said["ph2-macro"] | said["ph2-micro"]) & placeholder, said
 
 
 class FailingSequences:
@@ -219,7 +245,6 @@ async def test_a_pass_failed_twice_raises_a_retryable_error(engine, monkeypatch)
 
 async def test_with_data_parallelism_all_passes_of_a_request_go_to_one_replica(engine, monkeypatch):
     # The engine here has one replica; pretend it has two and record where each pass would go.
-    import itertools
 
     real, ranks = engine.llm.generate, {}
 
@@ -308,7 +333,7 @@ async def test_a_system_message_goes_into_every_pass_and_all_passes_share_one_pr
         if name != "box":
             assert out.cached_tokens > 0, name
     # The macro prompt shares the box prompt through the image (and the system text before it).
-    common = next(i for i, (a, b) in enumerate(zip(box, passes["macro"].prompt_token_ids)) if a != b)
+    common = next(i for i, (a, b) in enumerate(zip(box, passes["macro"].prompt_token_ids, strict=False)) if a != b)
     assert common >= len(prefix) - 1 + 576
     assert result.trace.stages["macro"].cached_tokens >= block_floor(engine, common)
     # On CPU the blocks are 32 tokens (EngineConfig.block_size), not vLLM's 128: a fork recomputes less.

@@ -201,7 +201,9 @@ def test_eval_one_mode_and_a_limit_and_right_answers_score(server, tmp_path):
     # The random model's answers are gibberish; make them the ground truth (greedy: the same answers
     # again) and the harness must score every one right, through the whole path.
     known = tmp_path / "known.jsonl"
-    known.write_text("".join(json.dumps({**q, "answers": [r["text"]] * 10}) + "\n" for q, r in zip(questions, rows)))
+    known.write_text(
+        "".join(json.dumps({**q, "answers": [r["text"]] * 10}) + "\n" for q, r in zip(questions, rows, strict=True))
+    )
     out = run_eval(known, *common, "--out", tmp_path / "out2")
     assert out.returncode == 0, out.stderr
     assert next(line for line in out.stdout.splitlines() if line.startswith("accuracy")).split()[1] == "100.00"

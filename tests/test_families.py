@@ -1,13 +1,12 @@
 """Per family: follow-up prompts extend earlier ones token for token; boxes map to the original image."""
 
 import pytest
+from PIL import Image
 from transformers import AutoTokenizer
 
-from PIL import Image
-
-from engine.query import Turn
 from engine.families import FAMILIES, detect_family, make_adapter
 from engine.families.qwen2_vl import Qwen25VLAdapter
+from engine.query import Turn
 
 QUESTION = "What colour is the square?"
 
@@ -61,7 +60,8 @@ def test_llava_prompt_is_vicuna_v1(llava):
     assert text == ("<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                     "helpful, detailed, and polite answers to the user's questions. USER: <image>\n"
                     "What colour is the square? ASSISTANT:")
-    micro = llava.micro_prompt(llava.box_prompt(llava.conversation_prefix([], 1), QUESTION), llava.encode("[0.10, 0.20, 0.30, 0.40]"), QUESTION)
+    box_prompt = llava.box_prompt(llava.conversation_prefix([], 1), QUESTION)
+    micro = llava.micro_prompt(box_prompt, llava.encode("[0.10, 0.20, 0.30, 0.40]"), QUESTION)
     assert llava.tokenizer.decode(micro).endswith(
         "ASSISTANT:[0.10, 0.20, 0.30, 0.40]</s>USER: <image>\nPlease combine the information from these two "
         "images and answer this question: What colour is the square? ASSISTANT:")
@@ -163,7 +163,8 @@ def test_qwen2_vl_box_is_on_a_0_1000_grid(qwen_tokenizer):
     a = make_adapter("qwen2_vl", "qwen2_vl", qwen_tokenizer, {})
     box = a.parse_box("(100,250),(600,1000)", 640, 480)
     assert box.pixels == pytest.approx((64, 120, 384, 480))
-    assert a.tokenizer.decode(a.box_prompt(a.conversation_prefix([], 1), QUESTION)).endswith("<|im_start|>assistant\n<|box_start|>")
+    box_prompt = a.tokenizer.decode(a.box_prompt(a.conversation_prefix([], 1), QUESTION))
+    assert box_prompt.endswith("<|im_start|>assistant\n<|box_start|>")
     closed = a.tokenizer.decode(a.close_reply(a.encode("(1,2),(3,4)") + a.stop_token_ids[:1]))
     assert closed == "(1,2),(3,4)<|box_end|><|im_end|>\n"
 
@@ -175,7 +176,8 @@ def test_qwen2_5_vl_box_is_in_pixels_of_the_resized_input(qwen_tokenizer):
     box = a.parse_box('[{"bbox_2d": [161, 119, 483, 476]}]', 640, 480)
     assert box.pixels == pytest.approx((161 / 644 * 640, 119 / 476 * 480, 483 / 644 * 640, 480))
     # A large image is scaled down to the pixel budget first.
-    small = Qwen25VLAdapter(qwen_tokenizer, {"min_pixels": 3136, "max_pixels": 100352, "patch_size": 14, "merge_size": 2})
+    processor = {"min_pixels": 3136, "max_pixels": 100352, "patch_size": 14, "merge_size": 2}
+    small = Qwen25VLAdapter(qwen_tokenizer, processor)
     h, w = small.resized_size(1000, 2000)
     assert h % 28 == 0 and w % 28 == 0 and h * w <= 100352
 

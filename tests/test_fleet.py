@@ -80,7 +80,7 @@ def test_a_follow_up_question_lands_where_its_image_is_cached(fleet):
 
         before = served(fleet)
         firsts = await asyncio.gather(*(ask(url, "What colour is the square?") for url in images))
-        spread = [after - b for after, b in zip(served(fleet), before)]
+        spread = [after - b for after, b in zip(served(fleet), before, strict=True)]
         follow_ups = await asyncio.gather(*(ask(url, "Where is the disc?") for url in images))
         await client.close()
         return firsts, spread, follow_ups

@@ -2,7 +2,10 @@
 
 from engine.fusion import decide, option_letter, parse_question, pick_by_score
 
-MC = "What is on the table?\nA. a cup\nB. a plate\nC. a fork\nAnswer with the option's letter from the given choices directly."
+MC = (
+    "What is on the table?\nA. a cup\nB. a plate\nC. a fork\n"
+    "Answer with the option's letter from the given choices directly."
+)
 
 
 def test_parse_question_finds_options_and_stem():

@@ -61,7 +61,9 @@ def test_folder_of_images_with_a_questions_file(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (64, 48), (1, 2, 3)).save(tmp_path / "a.png")
-    (tmp_path / "q.jsonl").write_text('{"image": "a.png", "text": "What colour?"}\n\n{"image": "a.png", "question": "Why?"}\n')
+    (tmp_path / "q.jsonl").write_text(
+        '{"image": "a.png", "text": "What colour?"}\n\n{"image": "a.png", "question": "Why?"}\n'
+    )
     items = scenes.from_folder(tmp_path, tmp_path / "q.jsonl")
     assert [(i.question, i.width, i.height) for i in items] == [("What colour?", 64, 48), ("Why?", 64, 48)]
     assert scenes.from_data_url(items[0].image_url).getpixel((0, 0)) == (1, 2, 3)

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from engine.errors import GenerationFailedError
-from engine.gate import ZoomGate
 from engine.families.llava import LlavaAdapter
+from engine.gate import ZoomGate
 from engine.image_work import ImageWorkers
 from engine.program import run_dualfocus, run_single_pass
 from engine.query import Query, Sampling
@@ -59,7 +59,10 @@ async def test_a_usable_box_crops_the_region_and_the_micro_pass_extends_the_box_
     assert t.crop.rect == (39, 55, 217, 233)  # squared about the centre, enlarged by 25 px
     assert micro.image_sizes == [(640, 640), (178, 178)]  # LLaVA pads both square
     assert micro.prompt_ids[:len(box.prompt_ids)] == box.prompt_ids  # a follow-up, token for token
-    assert box.params == ("box", adapter.box_regex) and macro.params[1].max_tokens == 7 and micro.params[1].max_tokens == 7
+    assert box.params == ("box", adapter.box_regex)
+    assert macro.params[1].max_tokens == 7 and micro.params[1].max_tokens == 7
+    # Both answers go on into the scoring prompts as token ids: no image placeholder among them.
+    assert macro.params[3] == micro.params[3] == adapter.image_ids()
     assert t.chosen == "same" and result.answer == "red" and "fusion" not in t.stages  # no scoring needed
 
 
@@ -130,7 +133,8 @@ async def test_a_single_pass_streams_its_text_and_has_no_image_without_one(adapt
     runner = FakeRunner({"macro": "hello"})
     result = await run_single_pass(runner, adapter, WORKERS, Query("Say hello.", []), "r2", asyncio.Event())
     (only,) = runner.passes
-    assert only.image_sizes == [] and only.prompt_ids == adapter.macro_prompt(adapter.conversation_prefix([], 0), "Say hello.")
+    assert only.image_sizes == []
+    assert only.prompt_ids == adapter.macro_prompt(adapter.conversation_prefix([], 0), "Say hello.")
     assert result.answer == "hello" and result.trace.mode == "macro" and result.trace.why == "no image: one plain pass"
 
 

@@ -179,7 +179,8 @@ def image_hosts(tmp_path_factory):
         run("ip", "route", "add", f"{PUBLIC_IMAGE_HOST}/32", "via", PRIVATE_IMAGE_HOST)
         log = folder / "requests.log"
         log.touch()
-        host = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(Path(__file__).with_name("image_host.py")),
+        image_host = str(Path(__file__).with_name("image_host.py"))
+        host = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, image_host,
                                  "8080", str(log), str(folder / "scene.png")])
         for _ in range(100):
             try:

@@ -68,7 +68,8 @@ def test_chat_with_image_returns_the_fused_answer_and_trace(client):
     answer = r.choices[0].message.content
     check_trace(r.dualfocus, answer, image)
     assert r.usage.prompt_tokens == sum(s["prompt_tokens"] for s in r.dualfocus["stages"].values())
-    assert r.usage.prompt_tokens_details.cached_tokens == sum(s["cached_tokens"] for s in r.dualfocus["stages"].values())
+    cached = sum(s["cached_tokens"] for s in r.dualfocus["stages"].values())
+    assert r.usage.prompt_tokens_details.cached_tokens == cached
     assert r.usage.prompt_tokens_details.cached_tokens > 0
     assert r.id.startswith("chatcmpl-") and r.choices[0].finish_reason in ("stop", "length")
 

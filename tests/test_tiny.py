@@ -43,7 +43,8 @@ def test_cli_prints_one_line_per_checkpoint(tmp_path):
     assert [name for name, _ in lines] == list(TINY_MODELS)
     for name, path in lines:
         assert path == str(tmp_path / "models" / name)
-        assert json.loads((tmp_path / "models" / name / "config.json").read_text())["model_type"] in ("llava", "qwen2_vl", "qwen2_5_vl")
+        config = json.loads((tmp_path / "models" / name / "config.json").read_text())
+        assert config["model_type"] in ("llava", "qwen2_vl", "qwen2_5_vl")
 
 
 def test_processes_building_at_once_both_get_the_checkpoint(tmp_path):
