@@ -367,9 +367,14 @@ def ratios(s: dict) -> dict:
     def ran(name: str) -> bool:
         return name in s and "not_run" not in s[name]
 
+    def levels_of(name: str) -> list[str]:
+        return list(s[name]) if ran(name) else []
+
     out: dict = {}
-    levels = list(s["ours-dualfocus"]) if ran("ours-dualfocus") else []
-    top = levels[-1] if levels else None
+    levels = levels_of("ours-dualfocus")
+    # The top level of ours-dualfocus, or of our other modes when a run left it out (`--systems`).
+    top = next((lv[-1] for lv in map(levels_of, ("ours-dualfocus", "ours-macro", "ours-auto")) if lv), None)
+    dualfocus_at_top = top is not None and top in levels
     out["top_level"] = top
     if ran("ours-dualfocus") and ran("stock-dualfocus"):
         out["ours_vs_stock_dualfocus"] = {
@@ -387,8 +392,8 @@ def ratios(s: dict) -> dict:
     out["auto_vs_macro"] = at_top("ours-auto", "ours-macro")
     out["auto_vs_dualfocus"] = at_top("ours-auto", "ours-dualfocus")
     out["ours_vs_reference"] = (_div(_rps(s["ours-dualfocus"][top]), _rps(s["reference-hf"]))
-                                if top is not None and ran("reference-hf") else None)
-    if top is not None:
+                                if dualfocus_at_top and ran("reference-hf") else None)
+    if dualfocus_at_top:
         d = s["ours-dualfocus"][top]
         # No sharing: every pass computes its whole prompt (what the same passes cost with no prefix cache).
         out["computed_vs_no_sharing"] = _div(d["computed_prompt_tokens_per_request"], d["prompt_tokens_per_request"])
@@ -547,10 +552,11 @@ def report(results: dict, shape: str, path, image: str) -> str:
                  f"{_verdict(q['macro_vs_stock_chat'], TARGETS['macro_vs_stock_chat'], unit='')} |")
     lines.append(f"| (4) ours dualfocus (c={top}) / reference sequential, throughput | >= 5x | "
                  f"{_verdict(q['ours_vs_reference'], TARGETS['ours_vs_reference'])} |")
-    d = s["ours-dualfocus"][top]
-    lines.append(f"| (5) prompt tokens computed / with no sharing, per DualFocus question | <= 0.4 | "
-                 f"{_verdict(q['computed_vs_no_sharing'], TARGETS['computed_vs_no_sharing'], False, '')} "
-                 f"({d['computed_prompt_tokens_per_request']:.0f} of {d['prompt_tokens_per_request']:.0f}) |")
+    if "computed_vs_no_sharing" in q:
+        d = s["ours-dualfocus"][top]
+        lines.append(f"| (5) prompt tokens computed / with no sharing, per DualFocus question | <= 0.4 | "
+                     f"{_verdict(q['computed_vs_no_sharing'], TARGETS['computed_vs_no_sharing'], False, '')} "
+                     f"({d['computed_prompt_tokens_per_request']:.0f} of {d['prompt_tokens_per_request']:.0f}) |")
     if "ours-auto" in ran:
         share = q.get("auto_zoom_share")
         # The target is on a mix that needs zooming; with none zoomed this is mode macro's cost, not a verdict.

@@ -72,6 +72,15 @@ def test_ratios_at_every_level_and_at_the_top_one():
     assert bench.ratios(s)["auto_zoom_share"] == 0.25
 
 
+def test_a_run_without_dualfocus_still_compares_the_modes_it_ran():
+    # `bench --systems ours-auto,ours-macro`: auto's ratio to macro, nothing that needs dualfocus.
+    s = {"ours-macro": {"4": _summary(10.0, 0.4)},
+         "ours-auto": {"4": _summary(7.0, 0.5, stages={"micro": {"count": 3}})}}
+    q = bench.ratios(s)
+    assert q["top_level"] == "4" and q["auto_vs_macro"] == 0.7 and q["auto_zoom_share"] == 0.3
+    assert q["dualfocus_vs_macro"] is None and q["ours_vs_reference"] is None and "computed_vs_no_sharing" not in q
+
+
 def test_a_system_not_run_gives_no_ratio_and_the_report_says_why():
     s = {
         "ours-dualfocus": {"4": _summary(4.0, 1.0, 5000, 1600, {"box": {"count": 10, "ms_p50": 5.0,
