@@ -608,7 +608,7 @@ def test_the_serve_command_takes_the_default_mode_and_the_gate_flags():
     config = engine_config(args)
     assert (config.zoom_threshold, config.zoom_max_box_area) == (0.3, 0.7)
     defaults = build_parser().parse_args(["serve"])
-    assert defaults.default_mode == "dualfocus" and engine_config(defaults).zoom_threshold == 0.265
+    assert defaults.default_mode == "dualfocus" and engine_config(defaults).zoom_threshold == 0.496
     for bad in (["--zoom-threshold", "2"], ["--default-mode", "zoom"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", *bad])

@@ -444,4 +444,4 @@ async def test_auto_zooms_at_threshold_one_and_keeps_the_macro_answer_at_zero(en
     again = await ask(1.0, max_tokens=12)  # and the engine serves on, the box's prefix cached
     assert again.trace.gate.zoomed and again.trace.stages["box"].cached_tokens > 0
     # A request without a threshold of its own gets the engine's.
-    assert (await ask(None, max_tokens=1)).trace.gate.threshold == engine.config.zoom_threshold == 0.265
+    assert (await ask(None, max_tokens=1)).trace.gate.threshold == engine.config.zoom_threshold == 0.496
