@@ -1,7 +1,7 @@
 """tiny-dualfocus, the trained default: the task is defined once, the checkpoint is the one committed, and
 on a fixed 100-question slice through the real server DualFocus's gain over a single macro pass on
-open-ended detail questions is at least what the checkpoint reaches, less a margin
-(training/tiny-dualfocus/README.md), and every answer is one the task allows."""
+open-ended detail questions is at least the issue's +25 points (training/tiny-dualfocus/README.md), and
+few answers fall outside the task's words."""
 
 import hashlib
 import json
