@@ -69,10 +69,12 @@ async def run_dualfocus(
     )
     prefix = adapter.conversation_prefix(query.history, len(query.images))
 
+    # An answer goes on into later passes' prompts as its token ids; an image placeholder
+    # among them would ask vLLM for an image the request does not have.
+    placeholder = adapter.image_ids()
+
     def answer_params(token_logprobs: bool = False):  # a fresh copy per pass: vLLM owns the params it is given
-        # An answer goes on into later passes' prompts as its token ids; an image placeholder
-        # among them would ask vLLM for an image the request does not have.
-        return runner.answer_params(query.sampling, token_logprobs, banned=adapter.image_ids())
+        return runner.answer_params(query.sampling, token_logprobs, banned=placeholder)
 
     question = parse_question(query.question)  # stem and, for multiple choice, options
     # The box prompt asks about the question itself; its answer options are not a region.
