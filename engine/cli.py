@@ -80,7 +80,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="tokens per KV-cache block; the prefix cache shares whole blocks, so each DualFocus follow-up "
         f"recomputes up to one block of the earlier prompt (default: {CPU_BLOCK_SIZE} on CPU, vLLM's on GPU)",
     )
-    g.add_argument("--dtype", default="auto", help="default: %(default)s")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="what the model computes in; auto: the checkpoint's dtype, but float32 on a CPU without AVX-512, "
+        "where vLLM has no fast bf16 matmuls (default: %(default)s)",
+    )
     g.add_argument(
         "--kv-events-config",
         type=_kv_events_config,
@@ -117,6 +122,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "this: 0 never zooms, 1 nearly always; a request may set its own (dualfocus.zoom_threshold). "
         "The default is calibrated on tiny-dualfocus; calibrate another model with loadtests/auto_calibrate.py "
         "(docs/performance.md) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--zoom-threshold-choice",
+        type=_share,
+        default=d.zoom_threshold_choice,
+        metavar="0-1",
+        help="--zoom-threshold for a multiple-choice question (options listed in it): a letter's probability is "
+        "on another scale than an open answer's. tiny-dualfocus never changes a letter when it zooms, hence its "
+        "default; a request may set its own (dualfocus.zoom_threshold_choice) (default: %(default)s)",
     )
     g.add_argument(
         "--zoom-max-box-area",
@@ -176,6 +190,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_images_per_request=args.max_images_per_request,
         image_threads=args.image_threads,
         zoom_threshold=args.zoom_threshold,
+        zoom_threshold_choice=args.zoom_threshold_choice,
         zoom_max_box_area=args.zoom_max_box_area,
         zoom_early_box=args.zoom_early_box,
     )

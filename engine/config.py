@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .gate import DEFAULT_MAX_BOX_AREA, DEFAULT_THRESHOLD, check_share
+from .gate import DEFAULT_CHOICE_THRESHOLD, DEFAULT_MAX_BOX_AREA, DEFAULT_THRESHOLD, check_share
 
 DEFAULT_MODEL = "tiny-llava"
 CPU_BLOCK_SIZE = 32  # the CPU attention backend wants multiples of 32
@@ -38,6 +38,7 @@ class EngineConfig:
     # up to a block of its earlier pass's prompt. None: 32 on CPU (vLLM's CPU default, 128, makes
     # every fork recompute up to 127 tokens), vLLM's choice elsewhere (16 on GPU).
     block_size: int | None = None
+    # "auto": the checkpoint's dtype, except float32 on a CPU without AVX-512 (cpu_dtype below).
     dtype: str = "auto"
     seed: int = 0
     box_max_tokens: int = 64
@@ -46,9 +47,10 @@ class EngineConfig:
     # Threads per lane for image work (engine/image_work.py); None: one per two cores, at most 4.
     image_threads: int | None = None
     # Mode auto's gate (engine/gate.py): zoom only when the macro answer's confidence is below
-    # zoom_threshold and the box covers at most zoom_max_box_area of the image (threshold: calibrated on
-    # tiny-dualfocus).
+    # zoom_threshold (zoom_threshold_choice for a multiple-choice question) and the box covers at most
+    # zoom_max_box_area of the image (thresholds: calibrated on tiny-dualfocus).
     zoom_threshold: float = DEFAULT_THRESHOLD
+    zoom_threshold_choice: float = DEFAULT_CHOICE_THRESHOLD
     zoom_max_box_area: float = DEFAULT_MAX_BOX_AREA
     zoom_early_box: bool = False  # ZoomGate.early_box
     # Any further vllm.AsyncEngineArgs field, passed through unchanged.
@@ -56,6 +58,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_share("zoom_threshold", self.zoom_threshold)
+        check_share("zoom_threshold_choice", self.zoom_threshold_choice)
         check_share("zoom_max_box_area", self.zoom_max_box_area)
 
     def resolve_model(self) -> str:
@@ -83,7 +86,7 @@ class EngineConfig:
             mm_processor_cache_gb=self.mm_processor_cache_gib,
             enable_prefix_caching=self.enable_prefix_caching,
             enforce_eager=enforce_eager,
-            dtype=self.dtype,
+            dtype=cpu_dtype(self.dtype) if current_platform.is_cpu() else self.dtype,
             seed=self.seed,
             # Follow-up passes of started requests go ahead of new requests' first passes.
             scheduling_policy="priority",
@@ -111,3 +114,18 @@ class EngineConfig:
                 kwargs[name] = getattr(self, name)
         kwargs.update(self.extra)
         return AsyncEngineArgs(**kwargs)
+
+
+def cpu_dtype(dtype: str, capability: str | None = None) -> str:
+    """The dtype to compute in on a CPU whose vector extension torch reports as `capability`
+    ("AVX2", "AVX512", ...; None: this one's). "auto" is float32 on an x86 CPU without AVX-512: vLLM's CPU backend
+    then cannot build its oneDNN bf16 matmuls and falls back to torch's, at a few GFLOP/s, so the
+    bf16 checkpoints the project builds served 2.5x slower than in float32 on such a machine
+    (docs/performance.md, "Where the time goes"). A dtype named explicitly is kept."""
+    if dtype != "auto":
+        return dtype
+    if capability is None:
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+    return "float32" if capability in ("AVX2", "NO AVX") else "auto"  # x86 below AVX-512

@@ -77,9 +77,16 @@ class DualFocusEngine:
         await self.runner.score(ids, [], ids[-2:], f"warmup-{uuid.uuid4().hex}")
 
     def zoom_gate(self, query: Query) -> ZoomGate:
-        """Mode auto's gate: the request's own threshold if it set one, else the engine's."""
-        threshold = self.config.zoom_threshold if query.zoom_threshold is None else query.zoom_threshold
-        return ZoomGate(threshold, self.config.zoom_max_box_area, self.config.zoom_early_box)
+        """Mode auto's gate: the request's own thresholds where it set them, else the engine's."""
+        c = self.config
+        return ZoomGate(
+            threshold=c.zoom_threshold if query.zoom_threshold is None else query.zoom_threshold,
+            choice_threshold=c.zoom_threshold_choice
+            if query.zoom_threshold_choice is None
+            else query.zoom_threshold_choice,
+            max_box_area=c.zoom_max_box_area,
+            early_box=c.zoom_early_box,
+        )
 
     def shutdown(self) -> None:
         self.image_workers.shutdown()

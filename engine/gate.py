@@ -12,7 +12,11 @@ The gate reads signals the engine has for free, after the box and macro passes:
   picture, so the micro pass would see little the macro pass did not.
 
 The request zooms (micro pass and fusion, as mode dualfocus) iff the answer is unsure
-(confidence < threshold), the crop is usable, and the box is small enough. A confident answer
+(confidence < threshold), the crop is usable, and the box is small enough. A multiple-choice
+answer (a letter among the question's options) has a threshold of its own: its confidence is
+on another scale than an open answer's (picking one of four letters at chance is 0.25, naming
+one of thousands of words is not), and a model may gain from zooming on one form and not the
+other. A confident answer
 needs no box, so the program runs the box pass only after an unsure answer (or, with
 `early_box`, beside the macro pass, aborting it when the answer is confident).
 Threshold 0 never zooms; threshold 1 zooms unless every token was certain.
@@ -24,11 +28,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# The threshold is calibrated on tiny-dualfocus's task (docs/performance.md, "Calibration"): at 0.496 mode
-# auto zooms 69-72% of questions and keeps 96-100% of DualFocus's gain on the mix (all of it on detail) on
-# two test sets. Another model's confidences differ: calibrate it the same way. The box-area limit is not
-# calibrated (a box of half the image magnifies only ~1.4x per side).
-DEFAULT_THRESHOLD = 0.496
+# The thresholds are calibrated on tiny-dualfocus's task (docs/performance.md, "Calibration"), served in
+# float32 (engine/config.py, cpu_dtype): its micro pass never changes a multiple-choice letter, so zooming on
+# one only costs (choice threshold 0), and below 0.484 on open answers auto zooms 38-41% of the questions and
+# keeps 95-96% of DualFocus's gain on two test sets. Another model's confidences differ: calibrate it the
+# same way. The box-area limit is not calibrated (a box of half the image magnifies only ~1.4x per side).
+DEFAULT_THRESHOLD = 0.484
+DEFAULT_CHOICE_THRESHOLD = 0.0
 DEFAULT_MAX_BOX_AREA = 0.5
 
 
@@ -42,6 +48,7 @@ class GateDecision:
 @dataclass(frozen=True)
 class ZoomGate:
     threshold: float = DEFAULT_THRESHOLD  # zoom only below this confidence, 0-1
+    choice_threshold: float = DEFAULT_CHOICE_THRESHOLD  # the same, for a multiple-choice question's answer
     max_box_area: float = DEFAULT_MAX_BOX_AREA  # zoom only into boxes covering at most this share of the image
     # Start the box pass beside the macro pass (as mode dualfocus does) and abort it when the answer is
     # confident, rather than only after an unsure answer: zoomed requests finish a pass sooner at low
@@ -50,16 +57,23 @@ class ZoomGate:
 
     def __post_init__(self) -> None:
         check_share("zoom threshold", self.threshold)
+        check_share("choice zoom threshold", self.choice_threshold)
         check_share("max box area", self.max_box_area)
 
-    def confident(self, confidence: float) -> bool:
-        """Confident enough to keep the macro answer, whatever the box says."""
-        return confidence >= self.threshold
+    def threshold_for(self, multiple_choice: bool) -> float:
+        return self.choice_threshold if multiple_choice else self.threshold
 
-    def decide(self, confidence: float, box_outcome: str, crop_usable: bool, box_area: float | None) -> GateDecision:
-        """Zoom or not, from the macro answer's confidence and the box (its outcome, whether it
-        gives a crop, its share of the image; the outcome is "not run" for a box pass not run or aborted)."""
-        if self.confident(confidence):
+    def confident(self, confidence: float, multiple_choice: bool) -> bool:
+        """Confident enough to keep the macro answer, whatever the box says."""
+        return confidence >= self.threshold_for(multiple_choice)
+
+    def decide(
+        self, confidence: float, multiple_choice: bool, box_outcome: str, crop_usable: bool, box_area: float | None
+    ) -> GateDecision:
+        """Zoom or not, from the macro answer's confidence (and the question's form) and the box (its
+        outcome, whether it gives a crop, its share of the image; the outcome is "not run" for a box pass
+        not run or aborted)."""
+        if self.confident(confidence, multiple_choice):
             return GateDecision(False, "confident")
         if not crop_usable or box_area is None:
             return GateDecision(False, f"box {box_outcome}")

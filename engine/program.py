@@ -124,7 +124,7 @@ async def run_dualfocus(
                 if (
                     macro_task.done()
                     and not box_task.done()
-                    and gate.confident(_confidence(adapter, macro_task.result()))
+                    and gate.confident(_confidence(adapter, macro_task.result()), question.multiple_choice)
                 ):
                     box_task.cancel()
                     await asyncio.wait({box_task})
@@ -134,7 +134,7 @@ async def run_dualfocus(
             # needs no box, so most requests cost one pass; after an unsure one the box pass reads
             # the images' KV from the macro pass's cache.
             macro_task = tasks.create_task(macro_pass(PRIORITY_NEW, started))
-            if not gate.confident(_confidence(adapter, await macro_task)):
+            if not gate.confident(_confidence(adapter, await macro_task), question.multiple_choice):
                 box_task = tasks.create_task(box_pass(PRIORITY_STARTED))
         if box_task is not None and not box_aborted:
             box = await box_task
@@ -156,6 +156,7 @@ async def run_dualfocus(
             macro_confidence = _confidence(adapter, await macro_task)
             verdict = gate.decide(
                 macro_confidence,
+                question.multiple_choice,
                 box_trace.outcome if box_trace is not None else "not run",
                 plan is not None and plan.usable,
                 area,
@@ -164,7 +165,8 @@ async def run_dualfocus(
                 verdict.zoom,
                 verdict.why,
                 round(macro_confidence, 6),
-                gate.threshold,
+                gate.threshold_for(question.multiple_choice),
+                question.multiple_choice,
                 None if area is None else round(area, 6),
                 gate.max_box_area,
                 box_aborted,

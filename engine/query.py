@@ -63,14 +63,16 @@ class Query:
     # caches images by are then derived from it, instead of hashing the decoded pixels (a second of
     # CPU for 35 megapixels). None: the pixels are hashed.
     image_ids: list[str | None] = field(default_factory=list)
-    # Mode auto: zoom only below this confidence of the macro answer (engine/gate.py), 0-1;
-    # None: the engine's --zoom-threshold.
+    # Mode auto: zoom only below this confidence of the macro answer (engine/gate.py), 0-1, for an
+    # open-ended question and for a multiple-choice one; None: the engine's --zoom-threshold(-choice).
     zoom_threshold: float | None = None
+    zoom_threshold_choice: float | None = None
 
     def __post_init__(self) -> None:
         _check_ids(self.images, self.image_ids)
-        if self.zoom_threshold is not None:
-            check_share("zoom_threshold", self.zoom_threshold)
+        for name in ("zoom_threshold", "zoom_threshold_choice"):
+            if getattr(self, name) is not None:
+                check_share(name, getattr(self, name))
 
     @property
     def all_images(self) -> list[Image.Image]:

@@ -71,7 +71,8 @@ class GateTrace:
     zoomed: bool
     why: str  # confident | unsure | box <outcome> | box covers most of the image
     confidence: float  # the macro answer's geometric-mean token probability
-    threshold: float  # zoom only below this confidence
+    threshold: float  # zoom only below this confidence: the gate's threshold for the question's form
+    multiple_choice: bool  # the question has answer options: the gate's choice threshold applied
     box_area: float | None  # the box's share of the image; None without a box
     max_box_area: float  # zoom only into boxes covering at most this share
     box_aborted: bool  # with ZoomGate.early_box: the gate decided before the box pass ended, and aborted it

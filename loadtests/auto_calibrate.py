@@ -1,6 +1,6 @@
-"""Calibrate mode auto's zoom threshold offline: accuracy at any threshold from one evaluation.
+"""Calibrate mode auto's zoom thresholds offline: accuracy at any thresholds from one evaluation.
 
-    dualfocus eval --generate 400 --mode all --zoom-threshold 1 --out EVAL_DIR --url URL
+    dualfocus eval --generate 400 --mode all --zoom-threshold 1 --zoom-threshold-choice 1 --out EVAL_DIR --url URL
     python -m loadtests.auto_sweep --task 64 --thresholds 0.3,0.5,0.7 --out SWEEP_DIR --url URL
     python -m loadtests.auto_calibrate EVAL_DIR --sweep SWEEP_DIR [--docs docs/performance.md]
 
@@ -9,14 +9,17 @@ threshold, so an evaluation run at threshold 1 records, per question, the macro 
 (metadata.macro_answer), the fused answer (the auto answer's text when it zoomed) and
 metadata.gate. At threshold t a question's auto answer is the fused one iff the run zoomed it and
 its confidence < t; otherwise the macro answer (confidence >= t, or a skip the run recorded for
-the box: unusable, or covering most of the image, which skips at any threshold). Answers are
-scored with the eval's own scoring (clients/eval/scoring.py).
+the box: unusable, or covering most of the image, which skips at any threshold). The gate holds a
+multiple-choice question (one that lists options, engine/fusion.py) to its own threshold, so the
+replay runs over pairs: t for open-ended questions (--thresholds), c for multiple-choice ones
+(--choice-thresholds). Answers are scored with the eval's own scoring (clients/eval/scoring.py).
 
-Reported per threshold: accuracy (in %) on detail questions (detail + detail_mc), global ones
+Reported per pair of thresholds: accuracy (in %) on detail questions (detail + detail_mc), global ones
 (count + presence) and the mix (all), the share zoomed, and the share of DualFocus's gain over
 macro kept (gain = dualfocus - macro accuracy of the same run's answer files; n/a when <= 0), on
 the mix and on detail. The recommended threshold: the smallest share zoomed that keeps >= 95% of
-the gain (--target-gain) on the mix and, where DualFocus gains there, on detail questions. With
+the gain (--target-gain) on the mix and, where DualFocus gains there, on detail questions, searched
+over every pair where a decision changes. With
 --sweep, the throughput that auto_sweep measured per configuration joins the rows of the thresholds
 it swept, and a table per configuration (macro, auto@t, dualfocus: accuracy and requests/s) is
 printed, and with --docs written into the file's
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clients.eval.scoring import score
+from engine.fusion import parse_question
 from training.task import GLOBAL_KINDS
 
 from .auto_sweep import parse_thresholds
@@ -40,6 +44,7 @@ from .report import replace_section, section
 DETAIL_KINDS = ("detail", "detail_mc")
 GROUPS = {"detail": DETAIL_KINDS, "global": GLOBAL_KINDS, "mix": None}  # None: every question
 DEFAULT_THRESHOLDS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"
+DEFAULT_CHOICE_THRESHOLDS = "0,0.5,1"
 SECTION = "auto-calibration"
 
 
@@ -54,7 +59,9 @@ class Run:
     folder: Path
     questions: dict
     answers: dict[str, dict]  # mode -> question_id -> the answer file's record
-    replayable_up_to: float  # the run's threshold: thresholds above it cannot be replayed
+    multiple_choice: dict  # question_id -> whether the gate holds it to the choice threshold
+    # Per form (multiple choice or not), the run's threshold: thresholds above it cannot be replayed.
+    replayable_up_to: dict[bool, float]
 
     @property
     def auto(self) -> dict:
@@ -86,12 +93,16 @@ def load_run(folder: Path) -> Run:
     for mode in ("macro", "dualfocus", "auto"):
         path = folder / f"answers-{mode}.jsonl"
         if not path.exists():
-            raise CalibrationError(f"{path} is missing: run `dualfocus eval --mode all --zoom-threshold 1`")
+            raise CalibrationError(
+                f"{path} is missing: run `dualfocus eval --mode all --zoom-threshold 1 --zoom-threshold-choice 1`"
+            )
         records = {r["question_id"]: r for r in read_jsonl(path)}
         if records.keys() != questions.keys():
             raise CalibrationError(f"{path} answers other questions than {folder / 'questions.jsonl'}")
         answers[mode] = records
-    thresholds = set()
+    # The form as the engine sees it, from the question's text (a trace before the choice threshold has none).
+    multiple_choice = {qid: parse_question(q["text"]).multiple_choice for qid, q in questions.items()}
+    thresholds: dict[bool, set] = {False: set(), True: set()}
     for qid, r in answers["auto"].items():
         meta = r.get("metadata", {})
         if "error" in meta:
@@ -99,15 +110,18 @@ def load_run(folder: Path) -> Run:
         gate = meta.get("gate")
         if gate is None or meta.get("macro_answer") is None:
             raise CalibrationError(f"answers-auto.jsonl, question {qid!r}: no metadata.gate / macro_answer")
-        thresholds.add(gate["threshold"])
-    if not thresholds:
+        thresholds[multiple_choice[qid]].add(gate["threshold"])
+    if not thresholds[False] | thresholds[True]:
         raise CalibrationError(f"{folder / 'answers-auto.jsonl'}: every request failed")
-    return Run(folder, questions, answers, min(thresholds))
+    # A form without questions (or with only failed ones) constrains nothing.
+    return Run(
+        folder, questions, answers, multiple_choice, {form: min(ts, default=1.0) for form, ts in thresholds.items()}
+    )
 
 
 def auto_answer(record: dict, threshold: float) -> tuple[str, bool]:
-    """A question's auto answer at `threshold` and whether it zoomed, from its answer at the run's
-    threshold (>= `threshold`). A failed request answers "" (scored as wrong, as the eval does)."""
+    """A question's auto answer at `threshold` (its form's) and whether it zoomed, from its answer at
+    the run's threshold (>= `threshold`). A failed request answers "" (scored as wrong, as the eval does)."""
     meta = record["metadata"]
     if "error" in meta:
         return "", False
@@ -122,10 +136,17 @@ def auto_answer(record: dict, threshold: float) -> tuple[str, bool]:
 def accuracy(questions: dict, texts: dict) -> dict[str, float | None]:
     """Accuracy in % per group (detail, global, mix) over the questions with ground truth; None for a
     group without any (a set without the task's `kind`s has only the mix)."""
+    return _accuracy(questions, {qid: score(q, texts[qid]) for qid, q in questions.items()})
+
+
+def _accuracy(questions: dict, scores: dict) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for group, kinds in GROUPS.items():
-        scores = [score(q, texts[qid]) for qid, q in questions.items() if kinds is None or q.get("kind") in kinds]
-        scored = [s for s in scores if s is not None]
+        scored = [
+            s
+            for qid, q in questions.items()
+            if (kinds is None or q.get("kind") in kinds) and (s := scores[qid]) is not None
+        ]
         out[group] = 100 * sum(scored) / len(scored) if scored else None
     return out
 
@@ -144,37 +165,58 @@ def baselines(run: Run) -> dict[str, dict]:
     }
 
 
-def replay(run: Run, threshold: float, base: dict[str, dict]) -> dict:
-    """The row of one threshold: accuracies, share zoomed, gain kept."""
-    if threshold > run.replayable_up_to:
-        raise CalibrationError(
-            f"threshold {threshold:g} is above the run's {run.replayable_up_to:g}: questions confident between "
-            "the two have no zoomed answer (run the eval with --zoom-threshold 1)"
-        )
-    texts, zoomed = {}, 0
-    for qid, record in run.auto.items():
-        texts[qid], z = auto_answer(record, threshold)
-        zoomed += z
-    acc = accuracy(run.questions, texts)
-    return {
-        "threshold": threshold,
-        "accuracy": acc,
-        "zoomed": zoomed,
-        "zoomed_share": zoomed / len(run.auto),
-        "gain_kept": {
-            group: gain_kept(acc[group], base["macro"][group], base["dualfocus"][group]) for group in ("mix", "detail")
-        },
-    }
+class Replay:
+    """Replays the gate at any pair of thresholds, each question's two possible answers scored once."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.base = baselines(run)
+        self.macro_score, self.fused_score = {}, {}
+        for qid, q in run.questions.items():
+            record = run.auto[qid]
+            self.macro_score[qid] = score(q, auto_answer(record, 0.0)[0])
+            self.fused_score[qid] = score(q, record["text"]) if "error" not in record["metadata"] else 0
+
+    def row(self, threshold: float, choice_threshold: float) -> dict:
+        """The row of one pair (open-ended, multiple choice): accuracies, share zoomed, gain kept."""
+        run = self.run
+        for form, t, flag in (
+            (False, threshold, "--zoom-threshold"),
+            (True, choice_threshold, "--zoom-threshold-choice"),
+        ):
+            if t > run.replayable_up_to[form]:
+                raise CalibrationError(
+                    f"threshold {t:g} is above the run's {run.replayable_up_to[form]:g}"
+                    f"{' for multiple-choice questions' if form else ''}: questions confident between the two "
+                    f"have no zoomed answer (run the eval with {flag} 1)"
+                )
+        scores, zoomed = {}, 0
+        for qid, record in run.auto.items():
+            z = auto_answer(record, choice_threshold if run.multiple_choice[qid] else threshold)[1]
+            scores[qid] = self.fused_score[qid] if z else self.macro_score[qid]
+            zoomed += z
+        acc = _accuracy(run.questions, scores)
+        base = self.base
+        return {
+            "threshold": threshold,
+            "choice_threshold": choice_threshold,
+            "accuracy": acc,
+            "zoomed": zoomed,
+            "zoomed_share": zoomed / len(run.auto),
+            "gain_kept": {g: gain_kept(acc[g], base["macro"][g], base["dualfocus"][g]) for g in ("mix", "detail")},
+        }
 
 
-def confidences(run: Run) -> list[float]:
-    """The thresholds at which the replayed decisions change: each distinct confidence of a question
-    the run zoomed (at t = c that question skips, just above it zooms; all below the run's threshold)."""
+def confidences(run: Run, multiple_choice: bool) -> list[float]:
+    """The thresholds at which the replayed decisions of one form change: each distinct confidence of a
+    question of that form the run zoomed (at t = c that question skips, just above it zooms)."""
     return sorted(
         {
             r["metadata"]["gate"]["confidence"]
-            for r in run.auto.values()
-            if "error" not in r["metadata"] and r["metadata"]["gate"]["zoomed"]
+            for qid, r in run.auto.items()
+            if "error" not in r["metadata"]
+            and r["metadata"]["gate"]["zoomed"]
+            and run.multiple_choice[qid] == multiple_choice
         }
     )
 
@@ -190,7 +232,7 @@ def macro_mismatches(run: Run) -> int:
 
 
 def recommend(rows: list[dict], target: float) -> dict | None:
-    """The row with the smallest share zoomed (then the smallest threshold) that keeps at least `target`
+    """The row with the smallest share zoomed (then the smallest thresholds) that keeps at least `target`
     of DualFocus's gain on the mix and, where DualFocus gains there, on detail questions; None if none
     does or there is no gain on the mix. Detail too, because on the mix a loss elsewhere (fusion on
     global questions) shrinks the gain that is to be kept: skipping most zooms could then pass the mix
@@ -200,7 +242,7 @@ def recommend(rows: list[dict], target: float) -> dict | None:
         return r["gain_kept"][part] is not None and r["gain_kept"][part] >= target - 1e-12
 
     keeping = [r for r in rows if keeps(r, "mix") and (r["gain_kept"]["detail"] is None or keeps(r, "detail"))]
-    return min(keeping, key=lambda r: (r["zoomed_share"], r["threshold"])) if keeping else None
+    return min(keeping, key=lambda r: (r["zoomed_share"], r["threshold"], r["choice_threshold"])) if keeping else None
 
 
 def load_sweep(path: Path) -> dict:
@@ -218,13 +260,21 @@ def load_sweep(path: Path) -> dict:
     return sweep
 
 
-def swept_thresholds(sweep: dict) -> dict[float, str]:
-    """threshold -> configuration name, for the sweep's auto configurations."""
+def swept_thresholds(sweep: dict) -> dict[tuple[float, float], str]:
+    """(threshold, choice threshold) -> configuration name, for the sweep's auto configurations."""
     out = {}
     for name, row in sweep["configurations"].items():
         if name.startswith("auto@"):
             t = row.get("zoom_threshold")  # older sweeps: only in the name, to 6 digits
-            out[float(t if t is not None else name.removeprefix("auto@"))] = name
+            threshold = float(t if t is not None else name.removeprefix("auto@"))
+            # Sweeps from before the choice threshold ran one threshold for both forms.
+            choice = row.get("zoom_threshold_choice", threshold)
+            if choice is None:
+                raise CalibrationError(
+                    f"the sweep's {name} ran at the server's choice threshold, which it did not record: "
+                    "sweep with --choice-threshold"
+                )
+            out[(threshold, float(choice))] = name
     return out
 
 
@@ -234,35 +284,58 @@ def throughput(row: dict) -> dict:
 
 
 def calibrate(
-    run: Run, thresholds: list[float], with_confidences: bool = True, sweep: dict | None = None, target: float = 0.95
+    run: Run,
+    thresholds: list[float],
+    with_confidences: bool = True,
+    sweep: dict | None = None,
+    target: float = 0.95,
+    choice_thresholds: list[float] | None = None,
 ) -> dict:
-    """The whole result: baselines, one row per threshold (the grid, every decision-changing confidence,
-    the swept ones), the recommendation, and with a sweep its throughput joined and per configuration."""
-    base = baselines(run)
+    """The whole result: baselines; one row per pair of the grids (`choice_thresholds` None: one threshold
+    for both forms, pairs (t, t)) and per swept pair; the recommendation, searched over those and, with
+    `with_confidences`, over every pair where a decision changes; with a sweep its throughput joined."""
+    replay = Replay(run)
     swept = swept_thresholds(sweep) if sweep else {}
-    grid = set(thresholds)
-    points = grid | set(swept) | (set(confidences(run)) if with_confidences else set())
-    rows = []
-    for t in sorted(points):
-        row = replay(run, t, base)
-        row["in_grid"] = t in grid
-        if t in swept:
-            row["sweep"] = {"configuration": swept[t], **throughput(sweep["configurations"][swept[t]])}
-        rows.append(row)
-    best = recommend(rows, target)
+    if choice_thresholds is None:
+        shown = {(t, t) for t in thresholds} | set(swept)
+        points = set(thresholds) | {t for pair in swept for t in pair}
+        if with_confidences:
+            points |= set(confidences(run, False)) | set(confidences(run, True))
+        searched = shown | {(t, t) for t in points}
+    else:
+        shown = {(t, c) for t in thresholds for c in choice_thresholds} | set(swept)
+        opens, closed = set(thresholds) | {t for t, _ in swept}, set(choice_thresholds) | {c for _, c in swept}
+        if with_confidences:
+            opens |= set(confidences(run, False))
+            closed |= set(confidences(run, True))
+        searched = shown | {(t, c) for t in opens for c in closed}
+    rows = {pair: replay.row(*pair) for pair in sorted(searched)}
+    best = recommend(list(rows.values()), target)
+    shown_rows = []
+    for pair in sorted(shown | ({(best["threshold"], best["choice_threshold"])} if best else set())):
+        row = rows[pair]
+        row["in_grid"] = pair[0] in thresholds and (
+            pair[1] == pair[0] if choice_thresholds is None else pair[1] in choice_thresholds
+        )
+        if pair in swept:
+            row["sweep"] = {"configuration": swept[pair], **throughput(sweep["configurations"][swept[pair]])}
+        shown_rows.append(row)
+    base = replay.base
     result: dict = {
         "eval": str(run.folder),
         "questions": len(run.questions),
         "failed_auto_requests": sum("error" in r["metadata"] for r in run.auto.values()),
         "macro_answer_differs": macro_mismatches(run),
-        "run_threshold": run.replayable_up_to,
+        "run_threshold": run.replayable_up_to[False],
+        "run_choice_threshold": run.replayable_up_to[True],
         "baselines": {
             mode: {"accuracy": acc, **({"sweep": throughput(sweep["configurations"][mode])} if sweep else {})}
             for mode, acc in base.items()
         },
         "gain": {g: _diff(base["dualfocus"][g], base["macro"][g]) for g in GROUPS},
         "target_gain_kept": target,
-        "rows": rows,
+        "pairs_searched": len(rows),
+        "rows": shown_rows,
         "recommended": best,
     }
     if sweep:
@@ -293,17 +366,16 @@ def threshold_table(result: dict) -> str:
     """Markdown: the grid's rows, the swept ones and the recommended one."""
     best = result["recommended"]
     lines = [
-        "| threshold | detail % | global % | mix % | zoomed | gain kept (mix) | gain kept (detail) | req/s "
-        "| vs macro | vs dualfocus |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| threshold | choice threshold | detail % | global % | mix % | zoomed | gain kept (mix) | gain kept (detail) "
+        "| req/s | vs macro | vs dualfocus |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        if not (r["in_grid"] or "sweep" in r or r is best):
-            continue
         s = r.get("sweep", {})
         acc = r["accuracy"]
         lines.append(
-            f"| {r['threshold']:.6g}{' (recommended)' if r is best else ''} | {_pct(acc['detail'])} "
+            f"| {r['threshold']:.6g}{' (recommended)' if r is best else ''} | {r['choice_threshold']:.6g} "
+            f"| {_pct(acc['detail'])} "
             f"| {_pct(acc['global'])} | {_pct(acc['mix'])} | {_share(r['zoomed_share'])} "
             f"| {_share(r['gain_kept']['mix'])} | {_share(r['gain_kept']['detail'])} "
             f"| {_pct(s.get('requests_per_s_median'), 2) if s else ''} | {_ratio(s.get('vs_macro')) if s else ''} "
@@ -324,7 +396,8 @@ def recommendation(result: dict) -> str:
         )
     detail = best["gain_kept"]["detail"]
     return (
-        f"recommended threshold {best['threshold']:.6g}: zooms {_share(best['zoomed_share'])} of questions and keeps "
+        f"recommended thresholds {best['threshold']:.6g} (open-ended) and {best['choice_threshold']:.6g} "
+        f"(multiple choice): zooms {_share(best['zoomed_share'])} of questions and keeps "
         f"{_share(best['gain_kept']['mix'])} of DualFocus's gain on the mix ({gain:+.1f} points) and "
         f"{'n/a' if detail is None else _share(detail)} on detail (target {target} on both)"
     )
@@ -360,18 +433,19 @@ def configuration_table(result: dict) -> str:
             zoomed = _share(r["zoomed_share"])
             if s.get("measured_zoomed_share") is not None:
                 zoomed += f" ({_share(s['measured_zoomed_share'])} in the sweep)"
-            lines.append(row(f"auto@{r['threshold']:.6g}", r["accuracy"], r["gain_kept"]["mix"], zoomed, s))
+            lines.append(row(_auto_name(r), r["accuracy"], r["gain_kept"]["mix"], zoomed, s))
     lines.append(row("dualfocus", base["dualfocus"]["accuracy"], kept("dualfocus"), "100%", base["dualfocus"]["sweep"]))
     meeting = [
-        f"auto@{r['threshold']:.6g}"
+        _auto_name(r)
         for r in result["rows"]
         if "sweep" in r
         and (r["gain_kept"]["mix"] or 0) >= result["target_gain_kept"] - 1e-12
         and (r["sweep"].get("vs_dualfocus") or 0) >= 1.5
     ]
     notes = [
-        f"Accuracy: `{result['eval']}`, {result['questions']} questions, replayed from one run at zoom threshold "
-        f"{result['run_threshold']:g} (`python -m loadtests.auto_calibrate`); zoomed: share of the eval's "
+        f"Accuracy: `{result['eval']}`, {result['questions']} questions, replayed from one run at zoom thresholds "
+        f"{result['run_threshold']:g} / {result['run_choice_threshold']:g} (`python -m loadtests.auto_calibrate`); "
+        "auto@t/c: threshold t for open-ended questions, c for multiple-choice ones; zoomed: share of the eval's "
         "questions the replayed gate zooms. Throughput: median requests/s over the sweep's rounds, load "
         f"{sweep.get('load') or 'not recorded'}, concurrency {sweep.get('concurrency')}, {sweep.get('rounds')} "
         f"rounds, `{sweep.get('command')}` (git {sweep.get('git')}).",
@@ -380,6 +454,10 @@ def configuration_table(result: dict) -> str:
         + (f"met by {', '.join(meeting)}." if meeting else "met by no swept threshold."),
     ]
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
+
+
+def _auto_name(row: dict) -> str:
+    return f"auto@{row['threshold']:.6g}/{row['choice_threshold']:.6g}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,14 +473,22 @@ def main(argv: list[str] | None = None) -> int:
         help="a `dualfocus eval --mode all --zoom-threshold 1 --out EVAL_DIR` folder",
     )
     p.add_argument(
-        "--thresholds", default=DEFAULT_THRESHOLDS, help="comma-separated, 0-1, the rows printed (default: %(default)s)"
+        "--thresholds",
+        default=DEFAULT_THRESHOLDS,
+        help="open-ended questions' thresholds: comma-separated, 0-1, the rows printed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--choice-thresholds",
+        default=DEFAULT_CHOICE_THRESHOLDS,
+        help="multiple-choice questions' thresholds, the same way; every pair with --thresholds is a row; "
+        "'same': one threshold for both forms (default: %(default)s)",
     )
     p.add_argument(
         "--confidences",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also replay at every distinct confidence of a zoomed question, where the decisions "
-        "change (in the JSON and for the recommendation; default: %(default)s)",
+        "change (for the recommendation; default: %(default)s)",
     )
     p.add_argument(
         "--target-gain",
@@ -426,8 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     thresholds = parse_thresholds(args.thresholds)
-    if not thresholds:
-        p.error("--thresholds: comma-separated numbers between 0 and 1")
+    same = args.choice_thresholds == "same"
+    choice_thresholds = None if same else parse_thresholds(args.choice_thresholds)
+    if not thresholds or choice_thresholds == []:
+        p.error("--thresholds, --choice-thresholds: comma-separated numbers between 0 and 1")
     if not 0.0 < args.target_gain <= 1.0:
         p.error("--target-gain: above 0, at most 1")
     if args.docs and not args.sweep:
@@ -435,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = load_run(args.eval_dir)
         sweep = load_sweep(args.sweep) if args.sweep else None
-        result = calibrate(run, thresholds, args.confidences, sweep, args.target_gain)
+        result = calibrate(run, thresholds, args.confidences, sweep, args.target_gain, choice_thresholds)
         if args.docs and section(args.docs, SECTION) is None:
             raise CalibrationError(f"{args.docs} has no <!-- {SECTION}:start --> / :end markers")
     except CalibrationError as e:

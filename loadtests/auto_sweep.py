@@ -1,5 +1,7 @@
 """Throughput of mode auto at several zoom thresholds, beside modes macro and dualfocus, against one
-running server (each request sets its own threshold, so one server serves the whole sweep).
+running server (each request sets its own threshold, so one server serves the whole sweep). Each
+threshold swept is for open-ended questions; multiple-choice ones get --choice-threshold (default: the
+server's), or their own where the threshold is written T/C (`--thresholds 0.484/0,0.484/0.484`).
 
     python -m loadtests.auto_sweep --url http://127.0.0.1:8000 --thresholds 0,0.5,1 \\
         --concurrency 16 --requests 64 --rounds 2 --out loadtests/results/auto-sweep-DATE
@@ -39,22 +41,40 @@ def parse_thresholds(text: str) -> list[float]:
     return thresholds if all(0.0 <= t <= 1.0 for t in thresholds) else []
 
 
-def configurations(thresholds: list[float]) -> list[tuple[str, str, float | None]]:
-    """(name, mode, threshold) per configuration."""
-    return [("macro", "macro", None), ("dualfocus", "dualfocus", None)] + [
-        (f"auto@{t:g}", "auto", t) for t in thresholds
+def parse_configurations(text: str, choice: float | None) -> list[tuple[float, float | None]]:
+    """A --thresholds value of the sweep: per auto configuration T (multiple-choice questions at `choice`)
+    or T/C, each 0-1; [] if it is not that."""
+    pairs: list[tuple[float, float | None]] = []
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        open_, slash, closed = item.partition("/")
+        numbers = parse_thresholds(open_) + (parse_thresholds(closed) if slash else [])
+        if len(numbers) != (2 if slash else 1):
+            return []
+        pairs.append((numbers[0], numbers[1] if slash else choice))
+    return pairs
+
+
+Config = tuple[str, str, float | None, float | None]  # name, mode, threshold, choice threshold
+
+
+def configurations(thresholds: list[tuple[float, float | None]]) -> list[Config]:
+    """(name, mode, threshold, choice threshold) per configuration."""
+    return [("macro", "macro", None, None), ("dualfocus", "dualfocus", None, None)] + [
+        (f"auto@{t:g}" if c is None else f"auto@{t:g}/{c:g}", "auto", t, c) for t, c in thresholds
     ]
 
 
-def schedule(configs: list[tuple[str, str, float | None]], rounds: int, first_seed: int) -> list[tuple]:
-    """The runs in order, (round, name, mode, threshold, seed): rounds interleave the configurations,
-    and every run has a seed (of its scenes or task test set) no other run has."""
+def schedule(configs: list[Config], rounds: int, first_seed: int) -> list[tuple]:
+    """The runs in order, (round, name, mode, threshold, choice threshold, seed): rounds interleave the
+    configurations, and every run has a seed (of its scenes or task test set) no other run has."""
     runs = []
     seed = first_seed
     for round_ in range(1, rounds + 1):
-        for name, mode, threshold in configs:
+        for config in configs:
             seed += 1
-            runs.append((round_, name, mode, threshold, seed))
+            runs.append((round_, *config, seed))
     return runs
 
 
@@ -92,7 +112,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.auto_sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server address (default: %(default)s)")
     p.add_argument("--api-key", default="none")
-    p.add_argument("--thresholds", default="0,0.5,1", help="comma-separated, 0-1 (default: %(default)s)")
+    p.add_argument("--thresholds", default="0,0.5,1",
+                   help="comma-separated, 0-1, each T or T/C (C: for multiple-choice questions) (default: %(default)s)")
+    p.add_argument("--choice-threshold", type=float, metavar="0-1",
+                   help="every auto request's zoom_threshold_choice where --thresholds gives none "
+                        "(default: the server's --zoom-threshold-choice)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default: %(default)s)")
     p.add_argument("--requests", type=int, help="per configuration and round (default: 64, or N with --task)")
     p.add_argument("--task", type=int, metavar="N",
@@ -107,9 +131,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=16, help="default: %(default)s")
     p.add_argument("--out", type=Path, required=True, help="folder for one JSON per run and summary.json")
     args = p.parse_args(argv)
-    thresholds = parse_thresholds(args.thresholds)
+    if args.choice_threshold is not None and not 0.0 <= args.choice_threshold <= 1.0:
+        p.error("--choice-threshold: a number between 0 and 1")
+    thresholds = parse_configurations(args.thresholds, args.choice_threshold)
     if not thresholds:
-        p.error("--thresholds: comma-separated numbers between 0 and 1")
+        p.error("--thresholds: comma-separated thresholds between 0 and 1, each T or T/C")
     if args.task is not None:
         if args.task < 4 or args.task % 4:
             p.error("--task: a positive multiple of 4 (kinds in turn: detail, detail_mc, count, presence), "
@@ -129,14 +155,15 @@ def main(argv=None) -> int:
         client = openai.AsyncOpenAI(base_url=args.url.rstrip("/") + "/v1", api_key=args.api_key, max_retries=0,
                                     timeout=600)
         model = (await client.models.list()).data[0].id
-        runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
-        for round_, name, mode, threshold, seed in schedule(configs, args.rounds, args.seed):
-            send = request_fn("ours", client, model, mode, args.max_tokens, False, threshold)
+        runs: dict[str, list[dict]] = {name: [] for name, *_ in configs}
+        for round_, name, mode, threshold, choice, seed in schedule(configs, args.rounds, args.seed):
+            send = request_fn("ours", client, model, mode, args.max_tokens, False, threshold, choice)
             samples, wall = await run_load(send, load(seed, args.requests, args.task is not None),
                                            concurrency=args.concurrency, requests=args.requests, progress=False)
             summary = summarize(samples, wall)
-            (args.out / f"{name}-round{round_}.json").write_text(json.dumps(
-                {"config": name, "mode": mode, "zoom_threshold": threshold, "seed": seed, "load": load_name,
+            (args.out / f"{name.replace('/', '_')}-round{round_}.json").write_text(json.dumps(
+                {"config": name, "mode": mode, "zoom_threshold": threshold, "zoom_threshold_choice": choice,
+                 "seed": seed, "load": load_name,
                  "summary": summary}, indent=2))
             runs[name].append(summary)
             print(f"round {round_} {name:<12} {summary['requests_per_s']:7.2f} req/s "
@@ -146,8 +173,10 @@ def main(argv=None) -> int:
 
     runs = asyncio.run(go())
     table = compare(runs)
-    for name, _, threshold in configs:
+    for name, _, threshold, choice in configs:
         table[name]["zoom_threshold"] = threshold  # exact, where the name has it to 6 digits
+        if threshold is not None:
+            table[name]["zoom_threshold_choice"] = choice  # None: the server's
     result = {"command": " ".join(sys.argv), "git": git_revision(), "machine": machine(), "load": load_name,
               "task": args.task, "concurrency": args.concurrency, "requests": args.requests, "rounds": args.rounds,
               "max_tokens": args.max_tokens, "configurations": table}

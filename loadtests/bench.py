@@ -42,6 +42,8 @@ from pathlib import Path
 import httpx
 import openai
 
+from engine.config import cpu_dtype
+
 from . import conversation, scenes
 from .loadgen import git_revision, machine, request_fn, run_load, summarize
 from .report import replace_section
@@ -310,7 +312,8 @@ def run_shape(shape: Shape, levels: list[int], reference_questions: int, run_sys
         stock = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--port", str(args.port),
                        "--model", str(path), "--served-model-name", shape.model, "--enforce-eager",
                        "--max-model-len", "4096", "--kv-cache-memory-bytes", str(4 << 30), "--limit-mm-per-prompt",
-                       '{"image": 2}', "--enable-prefix-caching", "--enable-prompt-tokens-details"], args.port,
+                       '{"image": 2}', "--enable-prefix-caching", "--enable-prompt-tokens-details",
+                       "--dtype", cpu_dtype("auto")], args.port,
                       logs / f"stock-{shape.name}.log", {**os.environ, **shape.server_env})
         try:
             for name in stock_systems:

@@ -36,6 +36,7 @@ import numpy as np
 import openai
 from PIL import Image
 
+from engine.config import cpu_dtype
 from engine.tiny import ensure_tiny
 
 from . import scenes, systems
@@ -238,7 +239,8 @@ def main(argv=None) -> int:
             server = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--port", str(args.port),
                             "--model", str(path), "--served-model-name", MODEL, "--enforce-eager",
                             "--max-model-len", "4096", "--kv-cache-memory-bytes", str(KV_CACHE_GIB << 30),
-                            "--limit-mm-per-prompt", '{"image": 2}', "--enable-prefix-caching"],
+                            "--limit-mm-per-prompt", '{"image": 2}', "--enable-prefix-caching",
+                            "--dtype", cpu_dtype("auto")],  # what ours computes in
                            args.port, logs / "bigimages-stock.log")
             try:
                 small = scenes.synthetic(args.small_requests, seed=100)

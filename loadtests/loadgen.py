@@ -32,9 +32,10 @@ SYSTEMS = ("ours", "stock-chat", "stock-dualfocus")
 
 
 def request_fn(system: str, client, model: str, mode: str, max_tokens: int, stream: bool,
-               zoom_threshold: float | None = None):
+               zoom_threshold: float | None = None, zoom_threshold_choice: float | None = None):
     if system == "ours":
-        return lambda item: systems.ours(client, model, item, mode, max_tokens, stream, zoom_threshold)
+        return lambda item: systems.ours(client, model, item, mode, max_tokens, stream, zoom_threshold,
+                                         zoom_threshold_choice)
     if system == "stock-chat":
         return lambda item: systems.stock_chat(client, model, item, max_tokens, stream)
     if system == "stock-dualfocus":
@@ -139,8 +140,12 @@ def _percentiles(values: list[float]) -> dict:
 def machine() -> dict:
     import os
 
+    import torch
+
+    # The vector extension decides the CPU's dtype (engine/config.py, cpu_dtype): float32 below AVX-512.
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine()}
+            "processor": platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def git_revision() -> str:
@@ -158,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--system", choices=SYSTEMS, default="ours", help="what a request is (default: %(default)s)")
     p.add_argument("--mode", choices=["dualfocus", "auto", "macro"], default="dualfocus", help="for --system ours")
     p.add_argument("--zoom-threshold", type=float, help="with --mode auto: each request's (default: the server's)")
+    p.add_argument("--zoom-threshold-choice", type=float,
+                   help="with --mode auto: each multiple-choice request's (default: the server's)")
     p.add_argument("--stream", action="store_true", help="stream responses (TTFT is measured then)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--concurrency", type=int, default=None, help="closed loop: requests in flight (default 1)")
@@ -183,7 +190,8 @@ def main(argv=None) -> int:
         client = openai.AsyncOpenAI(base_url=args.url.rstrip("/") + "/v1", api_key=args.api_key, max_retries=0,
                                     timeout=600)
         model = args.model or (await client.models.list()).data[0].id
-        send = request_fn(args.system, client, model, args.mode, args.max_tokens, args.stream, args.zoom_threshold)
+        send = request_fn(args.system, client, model, args.mode, args.max_tokens, args.stream, args.zoom_threshold,
+                          args.zoom_threshold_choice)
         samples, wall = await run_load(send, items, concurrency=args.concurrency, rate=args.rate,
                                        requests=args.requests, duration=args.duration,
                                        progress=not args.no_progress)
@@ -193,6 +201,7 @@ def main(argv=None) -> int:
     samples, wall = asyncio.run(go())
     result = {"command": " ".join(sys.argv), "git": git_revision(), "machine": machine(),
               "system": args.system, "mode": args.mode, "zoom_threshold": args.zoom_threshold,
+              "zoom_threshold_choice": args.zoom_threshold_choice,
               "concurrency": args.concurrency, "rate": args.rate,
               "stream": args.stream, "summary": summarize(samples, wall)}
     text = json.dumps(result, indent=2)

@@ -21,6 +21,7 @@ import time
 import torch
 from PIL import Image
 
+from engine.config import cpu_dtype
 from engine.families import make_adapter
 from engine.geometry import plan_crop
 from engine.tiny import BUILT_MODELS, ensure_tiny
@@ -33,7 +34,9 @@ class ReferencePipeline:
     def __init__(self, model_path):
         from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration
 
-        self.model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=torch.bfloat16).eval()
+        # The dtype our engine computes in on this CPU (engine/config.py, cpu_dtype), for a like comparison.
+        dtype = torch.float32 if cpu_dtype("auto") == "float32" else torch.bfloat16
+        self.model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=dtype).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.processor = CLIPImageProcessor.from_pretrained(model_path)
         self.adapter = make_adapter("llava", "llava", self.tokenizer, self.processor.to_dict())

@@ -46,11 +46,14 @@ def _user(text: str, *image_urls: str) -> dict:
 
 
 async def ours(client: openai.AsyncOpenAI, model: str, item: Item, mode: str, max_tokens: int,
-               stream: bool, zoom_threshold: float | None = None) -> Sample:
+               stream: bool, zoom_threshold: float | None = None,
+               zoom_threshold_choice: float | None = None) -> Sample:
     t0 = time.perf_counter()
     options: dict = {"mode": mode, "return_trace": True}
-    if zoom_threshold is not None:  # mode auto: this request's threshold
+    if zoom_threshold is not None:  # mode auto: this request's thresholds
         options["zoom_threshold"] = zoom_threshold
+    if zoom_threshold_choice is not None:
+        options["zoom_threshold_choice"] = zoom_threshold_choice
     kwargs = dict(model=model, max_tokens=max_tokens, messages=[_user(item.question, item.image_url)],
                   extra_body={"dualfocus": options})
     if not stream:

@@ -30,11 +30,11 @@ def auto_result(zoomed: bool) -> Result:
     if zoomed:
         result = dualfocus_result()
         result.trace.mode = "auto"
-        result.trace.gate = GateTrace(True, "unsure", 0.25, 0.5, 0.08, 0.5, False)
+        result.trace.gate = GateTrace(True, "unsure", 0.25, 0.5, False, 0.08, 0.5, False)
         return result
     return Result("a square", "stop", Trace(
         mode="auto", chosen="macro", why="no zoom: confident", macro_answer="a square", zoomed_image=0,
-        gate=GateTrace(False, "confident", 0.875, 0.5, None, 0.5, True),
+        gate=GateTrace(False, "confident", 0.875, 0.5, False, None, 0.5, True),
         stages={"macro": StageStats(10.0, 600, 512, 3)}))
 
 

@@ -540,13 +540,15 @@ async def test_mode_auto_and_its_threshold_reach_the_engine_and_the_trace_says_w
         engine = app.state.engine
         response = await sdk(http).chat.completions.create(
             model=MODEL, messages=user("What colour is the square?", png_url()),
-            extra_body={"dualfocus": {"mode": "auto", "zoom_threshold": 0.25, "return_trace": True}})
+            extra_body={"dualfocus": {"mode": "auto", "zoom_threshold": 0.25, "zoom_threshold_choice": 0.125,
+                                      "return_trace": True}})
         q = engine.queries[-1]
-        assert q.mode == "auto" and q.runs_as == "auto" and q.zoom_threshold == 0.25
+        assert q.mode == "auto" and q.runs_as == "auto" and (q.zoom_threshold, q.zoom_threshold_choice) == (0.25, 0.125)
         assert response.choices[0].message.content == "a square"
         assert response.dualfocus["mode"] == "auto" and response.dualfocus["why"] == "no zoom: confident"
         assert response.dualfocus["gate"] == {"zoomed": False, "why": "confident", "confidence": 0.875,
-                                              "threshold": 0.5, "box_area": None, "max_box_area": 0.5,
+                                              "threshold": 0.5, "multiple_choice": False, "box_area": None,
+                                              "max_box_area": 0.5,
                                               "box_aborted": True}
         assert response.dualfocus["box"] is None and list(response.dualfocus["stages"]) == ["macro"]
         # As published: the gate is in the OpenAPI schema, and a wrong type in it breaks the schema.
@@ -561,7 +563,7 @@ async def test_mode_auto_and_its_threshold_reach_the_engine_and_the_trace_says_w
             validator.validate(raw)
         # Without a threshold, the engine's own applies (None); other modes have no gate in their trace.
         await http.post("/v1/chat/completions", json=body("Hi.", png_url(), dualfocus={"mode": "auto"}))
-        assert engine.queries[-1].zoom_threshold is None
+        assert engine.queries[-1].zoom_threshold is None and engine.queries[-1].zoom_threshold_choice is None
         raw = (await http.post("/v1/chat/completions", json=body("Hi.", png_url(), dualfocus={"return_trace": True}))
                ).json()
         assert raw["dualfocus"]["mode"] == "dualfocus" and raw["dualfocus"]["gate"] is None
@@ -573,6 +575,8 @@ async def test_mode_auto_and_its_threshold_reach_the_engine_and_the_trace_says_w
     ({"mode": "auto", "zoom_threshold": "high"}, "dualfocus.zoom_threshold", "valid number"),
     ({"mode": "dualfocus", "zoom_threshold": 0.5}, "dualfocus.zoom_threshold", "applies to mode auto only"),
     ({"zoom_threshold": 0.5}, "dualfocus.zoom_threshold", "mode dualfocus (the server's default)"),
+    ({"mode": "auto", "zoom_threshold_choice": 2}, "dualfocus.zoom_threshold_choice", "less than or equal to 1"),
+    ({"mode": "macro", "zoom_threshold_choice": 0.5}, "dualfocus.zoom_threshold_choice", "applies to mode auto only"),
     ({"mode": "zoom"}, "dualfocus.mode", "'dualfocus', 'auto' or 'macro'"),
 ])
 async def test_a_bad_mode_or_threshold_is_a_400_naming_it(options, param, says):
@@ -603,13 +607,14 @@ def test_the_serve_command_takes_the_default_mode_and_the_gate_flags():
     from engine.cli import engine_config
 
     args = build_parser().parse_args(["serve", "--default-mode", "auto", "--zoom-threshold", "0.3",
-                                      "--zoom-max-box-area", "0.7"])
+                                      "--zoom-threshold-choice", "0.2", "--zoom-max-box-area", "0.7"])
     assert args.default_mode == "auto"
     config = engine_config(args)
-    assert (config.zoom_threshold, config.zoom_max_box_area) == (0.3, 0.7)
-    defaults = build_parser().parse_args(["serve"])
-    assert defaults.default_mode == "dualfocus" and engine_config(defaults).zoom_threshold == 0.496
-    for bad in (["--zoom-threshold", "2"], ["--default-mode", "zoom"]):
+    assert (config.zoom_threshold, config.zoom_threshold_choice, config.zoom_max_box_area) == (0.3, 0.2, 0.7)
+    defaults = engine_config(build_parser().parse_args(["serve"]))
+    assert (defaults.zoom_threshold, defaults.zoom_threshold_choice) == (0.484, 0.0)  # calibrated on tiny-dualfocus
+    assert build_parser().parse_args(["serve"]).default_mode == "dualfocus"
+    for bad in (["--zoom-threshold", "2"], ["--zoom-threshold-choice", "-1"], ["--default-mode", "zoom"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", *bad])
 

@@ -65,14 +65,18 @@ def rows_by_threshold(result):
 
 
 def test_the_replay_takes_the_macro_answer_where_the_gate_would_skip(tmp_path):
-    result = calibrate(load_run(write_eval(tmp_path / "eval")), [0, 0.4, 0.5, 0.6, 0.7, 1])
+    # No choice thresholds: one threshold for both forms, as the gate had before it held multiple-choice
+    # questions to their own (that replay: test_the_replay_holds_multiple_choice_questions_to_their_own_threshold).
+    result = calibrate(load_run(write_eval(tmp_path / "eval")), [0, 0.3, 0.4, 0.5, 0.6, 0.7, 1])
     base = result["baselines"]
     assert base["macro"]["accuracy"] == {"detail": 25.0, "global": 75.0, "mix": 50.0}
     assert base["dualfocus"]["accuracy"] == {"detail": 100.0, "global": 50.0, "mix": 75.0}
     assert result["gain"] == {"detail": 75.0, "global": -25.0, "mix": 25.0}
     rows = rows_by_threshold(result)
-    # Every distinct confidence of a zoomed question is a row too (where the decisions change).
-    assert sorted(rows) == [0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9, 0.95, 1]
+    assert sorted(rows) == [0, 0.3, 0.4, 0.5, 0.6, 0.7, 1]
+    # The recommendation is searched at every distinct confidence of a zoomed question too (0.9, 0.95):
+    # where the decisions change.
+    assert result["pairs_searched"] == 9
 
     def summary(t):
         r = rows[t]
@@ -95,9 +99,30 @@ def test_the_replay_takes_the_macro_answer_where_the_gate_would_skip(tmp_path):
     assert result["recommended"] is None
     at_60 = calibrate(load_run(tmp_path / "eval"), [0, 0.4, 0.5, 0.6, 0.7, 1], target=0.6)
     assert at_60["recommended"]["threshold"] == 0.6  # 2 of 8 zoomed, from just above 0.5 up to 0.6
-    assert auto_calibrate.recommendation(at_60).startswith("recommended threshold 0.6: zooms 25% of questions")
+    assert auto_calibrate.recommendation(at_60).startswith(
+        "recommended thresholds 0.6 (open-ended) and 0.6 (multiple choice): zooms 25% of questions")
     # At 50%, 0.4 keeps half the mix's gain but a third of detail's: still 0.6.
     assert calibrate(load_run(tmp_path / "eval"), [0, 0.4, 0.6, 1], target=0.5)["recommended"]["threshold"] == 0.6
+
+
+def test_the_replay_holds_multiple_choice_questions_to_their_own_threshold(tmp_path):
+    run = load_run(write_eval(tmp_path / "eval"))
+    assert run.multiple_choice == {0: False, 1: True, 2: False, 3: True, 4: False, 5: False, 6: False, 7: False}
+    result = calibrate(run, [0, 0.4, 1], choice_thresholds=[0, 0.6])
+    rows = {(r["threshold"], r["choice_threshold"]): r for r in result["rows"]}
+    assert sorted(rows) == [(0, 0), (0, 0.6), (0.4, 0), (0.4, 0.6), (1, 0), (1, 0.6)]
+    # Question 1 (multiple choice, confidence 0.5, its gain) zooms at choice threshold 0.6 whatever the other.
+    assert rows[(0, 0.6)]["zoomed"] == 1 and rows[(0, 0.6)]["accuracy"]["detail"] == 50.0
+    # Question 0 (open, 0.3) zooms at 0.4; question 3 (multiple choice, 0.9) never below 0.9.
+    assert rows[(0.4, 0)]["zoomed"] == 1 and rows[(0.4, 0.6)]["zoomed"] == 2
+    assert rows[(0.4, 0.6)]["gain_kept"] == {"mix": 1.0, "detail": pytest.approx(2 / 3)}
+    # At 1 the open-ended count question 5 zooms too, and its zoom hurts; the multiple-choice one stays out.
+    assert rows[(1, 0)]["zoomed"] == 3 and rows[(1, 0)]["accuracy"]["global"] == 50.0
+    # The smallest zoom share keeping 60% of the gain: questions 0 and 1 zoomed (searched at every confidence
+    # too: at 0.3 and 0.5 they would count as confident), not question 5 (a zoom that hurts).
+    best = calibrate(run, [0, 0.4, 1], target=0.6, choice_thresholds=[0, 0.6])["recommended"]
+    assert (best["threshold"], best["choice_threshold"], best["zoomed"]) == (0.4, 0.6, 2)
+    assert best["accuracy"] == {"detail": 75.0, "global": 75.0, "mix": 75.0}
 
 
 def test_a_box_area_skip_costs_its_gain_and_moves_the_recommendation(tmp_path):
@@ -206,24 +231,25 @@ def test_the_sweep_joins_the_swept_thresholds_rows(tmp_path):
     assert "sweep" not in rows[1] and result["baselines"]["dualfocus"]["sweep"]["requests_per_s_median"] == 4.0
     table = configuration_table(result).splitlines()
     assert table[2] == "| macro | 25.0 | 75.0 | 50.0 | 0% | 0% | 10.00 | 1.00x | 2.50x |"
-    assert table[3] == "| auto@0.6 | 75.0 | 75.0 | 75.0 | 100% | 25% (30% in the sweep) | 7.00 | 0.70x | 1.75x |"
-    assert table[4] == "| auto@0.65 | 75.0 | 50.0 | 62.5 | 50% | 38% (40% in the sweep) | 5.00 | 0.50x | 1.25x |"
+    assert table[3] == "| auto@0.6/0.6 | 75.0 | 75.0 | 75.0 | 100% | 25% (30% in the sweep) | 7.00 | 0.70x | 1.75x |"
+    assert table[4] == "| auto@0.65/0.65 | 75.0 | 50.0 | 62.5 | 50% | 38% (40% in the sweep) | 5.00 | 0.50x | 1.25x |"
     assert table[5] == "| dualfocus | 100.0 | 50.0 | 75.0 | 100% | 100% | 4.00 | 0.40x | 1.00x |"
     text = "\n".join(table)
-    assert "met by auto@0.6." in text and "load task (64 questions per run" in text
+    assert "met by auto@0.6/0.6." in text and "load task (64 questions per run" in text
 
 
 def test_the_command_writes_json_and_the_docs_section_between_its_markers(tmp_path, capsys):
     folder, sweep = write_eval(tmp_path / "eval"), sweep_summary(tmp_path / "sweep")
     doc = tmp_path / "performance.md"
     doc.write_text("# Perf\n\n<!-- auto-calibration:start -->\nplaceholder\n<!-- auto-calibration:end -->\n\ntail\n")
-    assert main([str(folder), "--sweep", str(sweep / "summary.json"), "--docs", str(doc), "--target-gain", "0.6"]) == 0
+    assert main([str(folder), "--sweep", str(sweep / "summary.json"), "--docs", str(doc), "--target-gain", "0.6",
+                 "--choice-thresholds", "same"]) == 0
     out = capsys.readouterr().out
-    assert "| 0.6 (recommended) | 75.0 | 75.0 | 75.0 | 25% | 100% | 67% | 7.00 | 0.70x | 1.75x |" in out
+    assert "| 0.6 (recommended) | 0.6 | 75.0 | 75.0 | 75.0 | 25% | 100% | 67% | 7.00 | 0.70x | 1.75x |" in out
     saved = json.loads((folder / "calibration.json").read_text())
     assert saved["recommended"]["threshold"] == 0.6 and saved["sweep"]["git"] == "abc1234"
     written = section(doc, "auto-calibration")
-    assert "placeholder" not in written and "| auto@0.6 | 75.0 |" in written and doc.read_text().endswith("tail\n")
+    assert "placeholder" not in written and "| auto@0.6/0.6 | 75.0 |" in written and doc.read_text().endswith("tail\n")
     # A file without the markers is left alone, with a clear error.
     bare = tmp_path / "bare.md"
     bare.write_text("# Nothing here\n")
@@ -250,7 +276,7 @@ def test_the_sweeps_task_load_is_the_eval_test_set_half_detail_half_global(tmp_p
         assert (item.width, item.height) == on_disk.size
         assert scenes.from_data_url(item.image_url).tobytes() == on_disk.tobytes()
     # Every run its own seed, so no run's image is one the server has cached from another.
-    runs = auto_sweep.schedule(auto_sweep.configurations([0.5, 1]), rounds=2, first_seed=1000)
+    runs = auto_sweep.schedule(auto_sweep.configurations([(0.5, None), (1, 0)]), rounds=2, first_seed=1000)
     seeds = [seed for *_, seed in runs]
     assert len(runs) == 8 and seeds == list(range(1001, 1009))
     other = auto_sweep.load(1002, 8, task=True)

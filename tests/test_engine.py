@@ -6,9 +6,10 @@ import math
 
 import pytest
 import pytest_asyncio
+import torch
 
 from engine import DualFocusEngine, EngineConfig, Query, Sampling
-from engine.config import CPU_BLOCK_SIZE
+from engine.config import CPU_BLOCK_SIZE, cpu_dtype
 from engine.errors import RetryableEngineError
 from engine.query import Turn
 from engine.runner import PRIORITY_NEW, ModelImage
@@ -339,6 +340,15 @@ async def test_a_system_message_goes_into_every_pass_and_all_passes_share_one_pr
     # On CPU the blocks are 32 tokens (EngineConfig.block_size), not vLLM's 128: a fork recomputes less.
     assert engine.llm.vllm_config.cache_config.block_size == CPU_BLOCK_SIZE == 32
     assert common - result.trace.stages["macro"].cached_tokens < CPU_BLOCK_SIZE
+    # The bf16 checkpoint computes in float32 on an x86 CPU without AVX-512 (no fast bf16 matmuls there).
+    expected = torch.float32 if torch.backends.cpu.get_cpu_capability() == "AVX2" else torch.bfloat16
+    assert engine.llm.vllm_config.model_config.dtype == expected
+
+
+def test_auto_dtype_is_float32_on_a_cpu_without_avx512_and_a_named_dtype_is_kept():
+    assert cpu_dtype("auto", "AVX2") == "float32" and cpu_dtype("auto", "NO AVX") == "float32"
+    assert cpu_dtype("auto", "AVX512") == "auto" and cpu_dtype("auto", "SVE256") == "auto"
+    assert cpu_dtype("bfloat16", "AVX2") == "bfloat16" and cpu_dtype("float16", "AVX512") == "float16"
 
 
 async def test_turn_two_about_the_same_image_reads_its_kv_from_the_cache(engine):
@@ -444,4 +454,4 @@ async def test_auto_zooms_at_threshold_one_and_keeps_the_macro_answer_at_zero(en
     again = await ask(1.0, max_tokens=12)  # and the engine serves on, the box's prefix cached
     assert again.trace.gate.zoomed and again.trace.stages["box"].cached_tokens > 0
     # A request without a threshold of its own gets the engine's.
-    assert (await ask(None, max_tokens=1)).trace.gate.threshold == engine.config.zoom_threshold == 0.496
+    assert (await ask(None, max_tokens=1)).trace.gate.threshold == engine.config.zoom_threshold == 0.484

@@ -36,7 +36,7 @@ SMALL, LARGE = 0.1, 0.9
     (0.5, 0.8, False, "confident"),
 ])
 def test_zoom_iff_confidence_is_below_the_threshold(threshold, conf, zoom, why):
-    decision = ZoomGate(threshold, max_box_area=0.5).decide(conf, "ok", True, SMALL)
+    decision = ZoomGate(threshold, max_box_area=0.5).decide(conf, False, "ok", True, SMALL)
     assert (decision.zoom, decision.why) == (zoom, why)
 
 
@@ -48,19 +48,31 @@ def test_zoom_iff_confidence_is_below_the_threshold(threshold, conf, zoom, why):
 ])
 def test_an_unsure_answer_still_keeps_the_macro_answer_when_the_box_gives_nothing_to_zoom_into(
         outcome, usable, area, why):
-    decision = ZoomGate(1.0, max_box_area=0.5).decide(0.2, outcome, usable, area)
+    decision = ZoomGate(1.0, max_box_area=0.5).decide(0.2, False, outcome, usable, area)
     assert not decision.zoom and decision.why == why
 
 
 def test_a_confident_answer_needs_no_box_and_max_box_area_one_lifts_the_limit():
-    assert ZoomGate(0.5).decide(0.9, "aborted", False, None).why == "confident"
-    assert ZoomGate(0.5, max_box_area=1.0).decide(0.2, "ok", True, 1.0).zoom
+    assert ZoomGate(0.5).decide(0.9, False, "aborted", False, None).why == "confident"
+    assert ZoomGate(0.5, max_box_area=1.0).decide(0.2, False, "ok", True, 1.0).zoom
+
+
+def test_a_multiple_choice_answer_is_held_to_the_choice_threshold():
+    gate = ZoomGate(threshold=0.5, choice_threshold=0.2)
+    assert gate.threshold_for(True) == 0.2 and gate.threshold_for(False) == 0.5
+    # 0.3: unsure as an open answer, confident as a letter (chance among four letters is 0.25).
+    assert gate.decide(0.3, False, "ok", True, SMALL).zoom
+    assert gate.decide(0.3, True, "ok", True, SMALL) == gate.decide(0.9, False, "ok", True, SMALL)
+    assert not gate.decide(0.3, True, "ok", True, SMALL).zoom and gate.confident(0.3, True)
+    assert gate.decide(0.1, True, "ok", True, SMALL).zoom
 
 
 @pytest.mark.parametrize("threshold", [-0.1, 1.5, float("nan")])
 def test_a_threshold_outside_0_to_1_is_refused(threshold):
     with pytest.raises(ValueError, match="between 0 and 1"):
         ZoomGate(threshold)
+    with pytest.raises(ValueError, match="choice zoom threshold must be between 0 and 1"):
+        ZoomGate(0.5, choice_threshold=threshold)
 
 
 def test_the_engine_config_and_a_query_refuse_a_threshold_outside_0_to_1():
@@ -68,6 +80,10 @@ def test_the_engine_config_and_a_query_refuse_a_threshold_outside_0_to_1():
 
     with pytest.raises(ValueError, match="zoom_threshold must be between 0 and 1"):
         EngineConfig(zoom_threshold=2.0)
+    with pytest.raises(ValueError, match="zoom_threshold_choice must be between 0 and 1"):
+        EngineConfig(zoom_threshold_choice=1.5)
+    with pytest.raises(ValueError, match="zoom_threshold_choice must be between 0 and 1"):
+        Query("q", zoom_threshold_choice=-0.5)
     with pytest.raises(ValueError, match="zoom_max_box_area must be between 0 and 1"):
         EngineConfig(zoom_max_box_area=-1.0)
     with pytest.raises(ValueError, match="zoom_threshold must be between 0 and 1"):

@@ -80,9 +80,16 @@ async def test_streamed_load_measures_time_to_first_token(server):
 
 
 def test_the_auto_sweep_compares_medians_and_counts_zooms():
-    from loadtests.auto_sweep import compare, configurations
+    from loadtests.auto_sweep import compare, configurations, parse_configurations
 
-    assert [c[0] for c in configurations([0.0, 0.5])] == ["macro", "dualfocus", "auto@0", "auto@0.5"]
+    assert [c[0] for c in configurations([(0.0, None), (0.5, None)])] == ["macro", "dualfocus", "auto@0", "auto@0.5"]
+    # T/C: the multiple-choice threshold of the configuration; T alone: --choice-threshold's (None: the server's).
+    pairs = parse_configurations("0.496/0, 0.3,1/1", choice=0.25)
+    assert pairs == [(0.496, 0.0), (0.3, 0.25), (1.0, 1.0)]
+    assert [c[0] for c in configurations(pairs)][2:] == ["auto@0.496/0", "auto@0.3/0.25", "auto@1/1"]
+    assert configurations(pairs)[2] == ("auto@0.496/0", "auto", 0.496, 0.0)
+    for bad in ("0.5/", "0.5/2", "x", "0.1/0.2/0.3", ""):
+        assert parse_configurations(bad, None) == []
 
     def run(rps, zoom=None):
         out = {"requests_per_s": rps, "latency_s": {"p50": 1 / rps}, "requests": 10, "ok": 10}

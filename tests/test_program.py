@@ -140,10 +140,11 @@ async def test_a_single_pass_streams_its_text_and_has_no_image_without_one(adapt
 
 # --- mode auto: the zoom gate (engine/gate.py) ---------------------------------------------------
 
-async def run_auto(runner, adapter, threshold, max_box_area=0.5, early_box=False, **query):
-    return await run_dualfocus(runner, adapter, WORKERS, Query("What colour is the square?", [IMAGE], mode="auto",
-                                                               **query),
-                               "r1", asyncio.Event(), ZoomGate(threshold, max_box_area, early_box))
+async def run_auto(runner, adapter, threshold, max_box_area=0.5, early_box=False, choice_threshold=0.0,
+                   question="What colour is the square?", **query):
+    gate = ZoomGate(threshold, choice_threshold, max_box_area=max_box_area, early_box=early_box)
+    return await run_dualfocus(runner, adapter, WORKERS, Query(question, [IMAGE], mode="auto", **query),
+                               "r1", asyncio.Event(), gate)
 
 
 UNSURE = math.log(0.3)  # each macro token's logprob: confidence 0.3
@@ -158,7 +159,7 @@ async def test_auto_at_threshold_one_zooms_an_unsure_answer_and_fuses(adapter):
     t = result.trace
     assert t.mode == "auto" and t.chosen == "micro" and result.answer == "crimson" and t.micro_answer == "crimson"
     g = t.gate
-    assert g.zoomed and g.why == "unsure" and g.threshold == 1.0 and not g.box_aborted
+    assert g.zoomed and g.why == "unsure" and g.threshold == 1.0 and not g.box_aborted and not g.multiple_choice
     assert g.confidence == pytest.approx(0.3)  # the stop token (STOP_LOGPROB) left out
     assert g.box_area == pytest.approx(128 * 96 / (640 * 480)) and g.max_box_area == 0.5
     assert t.crop.rect == (39, 55, 217, 233) and set(t.stages) == {"box", "macro", "micro", "fusion"}
@@ -198,6 +199,18 @@ async def test_with_early_box_a_confident_answer_after_the_box_keeps_the_box_tra
     assert result.answer == "red" and t.why == "no zoom: confident" and set(t.stages) == {"box", "macro"}
     assert t.box.outcome == "ok"  # still traced: it was there when the gate decided
     assert not t.gate.box_aborted and runner.cancelled == []
+
+
+@pytest.mark.parametrize("threshold, choice_threshold, zoomed", [(1.0, 0.29, False), (0.0, 0.31, True)])
+async def test_a_multiple_choice_question_is_held_to_the_choice_threshold(adapter, threshold, choice_threshold,
+                                                                          zoomed):
+    runner = FakeRunner({"box": BOX, "macro": "A", "micro": "A"}, token_logprob={"macro": UNSURE})
+    result = await run_auto(runner, adapter, threshold=threshold, choice_threshold=choice_threshold,
+                            question="What colour is the square?\nA. red\nB. blue")
+    assert [p.kind for p in runner.passes] == (["macro", "box", "micro"] if zoomed else ["macro"])
+    g = result.trace.gate
+    assert g.multiple_choice and g.threshold == choice_threshold and g.zoomed is zoomed
+    assert g.why == ("unsure" if zoomed else "confident")
 
 
 @pytest.mark.parametrize("threshold, zoomed", [(0.29, False), (0.31, True)])

@@ -1,10 +1,11 @@
 """`make eval`: serve a model, run the generated zoom-in task through it in both modes, stop the server.
 
     python -m training.evaluate --model tiny-dualfocus --questions 400 --out eval-out
-    python -m training.evaluate --model tiny-dualfocus --mode all --zoom-threshold 1 --out EVAL_DIR
+    python -m training.evaluate --model tiny-dualfocus --mode all --zoom-threshold 1 --zoom-threshold-choice 1 \
+        --out EVAL_DIR
 
-(the second also runs mode auto at threshold 1, what `python -m loadtests.auto_calibrate EVAL_DIR`
-replays to calibrate the zoom threshold; docs/performance.md, "Adaptive DualFocus (mode auto)").
+(the second also runs mode auto at thresholds 1, what `python -m loadtests.auto_calibrate EVAL_DIR`
+replays to calibrate the zoom thresholds; docs/performance.md, "Adaptive DualFocus (mode auto)").
 
 The table it prints is `dualfocus eval --generate` (clients/eval/generated.py) against a server this
 command starts on a free local port and stops afterwards; docs/paper.md quotes a run of it.
@@ -34,6 +35,8 @@ def main(argv=None) -> int:
                    help="as `dualfocus eval --mode`: all adds mode auto (default: %(default)s)")
     p.add_argument("--zoom-threshold", type=float, metavar="0-1",
                    help="mode auto's threshold, as `dualfocus eval --zoom-threshold` (default: the server's)")
+    p.add_argument("--zoom-threshold-choice", type=float, metavar="0-1",
+                   help="the same for multiple-choice questions, as `dualfocus eval` (default: the server's)")
     args = p.parse_args(argv)
 
     with socket.socket() as s:
@@ -49,6 +52,8 @@ def main(argv=None) -> int:
             print(f"error: the server did not start; see {log.name}", file=sys.stderr)
             return 1
         threshold = [] if args.zoom_threshold is None else ["--zoom-threshold", str(args.zoom_threshold)]
+        if args.zoom_threshold_choice is not None:
+            threshold += ["--zoom-threshold-choice", str(args.zoom_threshold_choice)]
         return subprocess.call([sys.executable, "-m", "clients", "eval", "--generate", str(args.questions),
                                 "--seed", str(args.seed), "--out", str(args.out), "--concurrency",
                                 str(args.concurrency), "--mode", args.mode, *threshold,

@@ -58,6 +58,12 @@ def add_parser(sub) -> None:
         "answer's metadata.gate.confidence lets any other threshold be replayed from one run at 1",
     )
     p.add_argument(
+        "--zoom-threshold-choice",
+        type=float,
+        metavar="0-1",
+        help="mode auto: the same, for multiple-choice questions (default: the server's); 1 as well to calibrate",
+    )
+    p.add_argument(
         "--out", required=True, type=Path, help="folder for answers-MODE.jsonl and summary.json (created if missing)"
     )
     p.add_argument(
@@ -118,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
                 args.concurrency,
                 args.max_tokens,
                 zoom_threshold=args.zoom_threshold,
+                zoom_threshold_choice=args.zoom_threshold_choice,
             )
             return model, answers
         finally:

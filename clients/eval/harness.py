@@ -97,6 +97,7 @@ async def ask_all(
     max_tokens: int = 128,
     progress: bool = True,
     zoom_threshold: float | None = None,
+    zoom_threshold_choice: float | None = None,
 ) -> dict[str, list[Answer]]:
     """Every question in every mode, at most `concurrency` requests in flight, in question order.
     Greedy decoding (the server's default), as the reference evaluates."""
@@ -112,6 +113,7 @@ async def ask_all(
                     mode=mode,
                     max_tokens=max_tokens,
                     zoom_threshold=zoom_threshold if mode == "auto" else None,
+                    zoom_threshold_choice=zoom_threshold_choice if mode == "auto" else None,
                 )
                 return Answer(question, mode, result)
             except DualFocusError as e:

@@ -34,6 +34,12 @@ def add_parser(sub) -> None:
         metavar="0-1",
         help="mode auto: zoom when the macro answer's confidence is below this (default: the server's)",
     )
+    p.add_argument(
+        "--zoom-threshold-choice",
+        type=float,
+        metavar="0-1",
+        help="mode auto: the same, for a multiple-choice question (default: the server's)",
+    )
     p.add_argument("--max-tokens", type=int, default=128, help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     p.add_argument("--draw", metavar="OUT.png", help="write the image with the box, the crop and an inset of it")
@@ -52,7 +58,12 @@ def run(args: argparse.Namespace) -> int:
     client = DualFocusClient(args.url, api_key=args.api_key, max_retries=0)
     try:
         result = client.ask(
-            args.image, args.question, mode=args.mode, max_tokens=args.max_tokens, zoom_threshold=args.zoom_threshold
+            args.image,
+            args.question,
+            mode=args.mode,
+            max_tokens=args.max_tokens,
+            zoom_threshold=args.zoom_threshold,
+            zoom_threshold_choice=args.zoom_threshold_choice,
         )
     except DualFocusError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -74,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _gate_row(g) -> str:
     aborted = ", box pass aborted" if g.box_aborted else ""
-    return f"{'yes' if g.zoomed else 'no'}: {g.why} (confidence {g.confidence:.3f}, threshold {g.threshold}{aborted})"
+    threshold = f"{'choice ' if g.multiple_choice else ''}threshold {g.threshold}"
+    return f"{'yes' if g.zoomed else 'no'}: {g.why} (confidence {g.confidence:.3f}, {threshold}{aborted})"
 
 
 def trace_table(r) -> str:

@@ -51,6 +51,7 @@ def _request(
     max_tokens: int,
     trace: bool,
     zoom_threshold: float | None = None,
+    zoom_threshold_choice: float | None = None,
     **sampling,
 ) -> dict:
     # The image before the question (the server reads the parts in any order): routers that match
@@ -65,6 +66,8 @@ def _request(
         options["mode"] = mode
     if zoom_threshold is not None:  # else the server's
         options["zoom_threshold"] = zoom_threshold
+    if zoom_threshold_choice is not None:
+        options["zoom_threshold_choice"] = zoom_threshold_choice
     return dict(
         model=model,
         max_tokens=max_tokens,
@@ -112,12 +115,16 @@ class DualFocusClient:
         max_tokens: int = 128,
         trace: bool = True,
         zoom_threshold: float | None = None,
+        zoom_threshold_choice: float | None = None,
         **sampling,
     ) -> AskResult:
         """Ask one question about one image (None: a text-only question). `mode`: dualfocus (always
-        zoom), auto (zoom only when the macro answer is unsure, below `zoom_threshold` if given, else
-        the server's) or macro (one pass); None: the server's default mode."""
-        request = _request(self.model, image, question, mode, max_tokens, trace, zoom_threshold, **sampling)
+        zoom), auto (zoom only when the macro answer is unsure: below `zoom_threshold`, or for a
+        multiple-choice question `zoom_threshold_choice`, where given, else the server's) or macro (one
+        pass); None: the server's default mode."""
+        request = _request(
+            self.model, image, question, mode, max_tokens, trace, zoom_threshold, zoom_threshold_choice, **sampling
+        )
         try:
             return AskResult.from_response(self._openai.chat.completions.create(**request))
         except openai.OpenAIError as e:
@@ -171,10 +178,14 @@ class AsyncDualFocusClient:
         max_tokens: int = 128,
         trace: bool = True,
         zoom_threshold: float | None = None,
+        zoom_threshold_choice: float | None = None,
         **sampling,
     ) -> AskResult:
         """As DualFocusClient.ask."""
-        request = _request(await self.model(), image, question, mode, max_tokens, trace, zoom_threshold, **sampling)
+        model = await self.model()
+        request = _request(
+            model, image, question, mode, max_tokens, trace, zoom_threshold, zoom_threshold_choice, **sampling
+        )
         try:
             return AskResult.from_response(await self._openai.chat.completions.create(**request))
         except openai.OpenAIError as e:

@@ -29,7 +29,8 @@ class Gate:
     zoomed: bool
     why: str  # confident | unsure | box <outcome> | box covers most of the image
     confidence: float  # the macro answer's geometric-mean token probability
-    threshold: float
+    threshold: float  # the threshold for the question's form
+    multiple_choice: bool  # the question lists options: the server's choice threshold applied
     box_area: float | None  # the box's share of the image
     max_box_area: float
     box_aborted: bool  # (server flag --zoom-early-box) decided before the box pass ended, which was aborted

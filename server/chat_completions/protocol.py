@@ -82,6 +82,14 @@ class DualFocusOptions(BaseModel):
         description="mode auto: zoom when the macro answer's confidence is below this (0 never zooms, 1 nearly "
         "always); default: the server's --zoom-threshold",
     )
+    zoom_threshold_choice: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="mode auto: zoom_threshold for a multiple-choice question; default: the server's "
+        "--zoom-threshold-choice",
+    )
     return_trace: bool = False
 
 
@@ -146,7 +154,8 @@ class GateTrace(BaseModel):
     zoomed: bool
     why: str = Field(description="confident | unsure | box <outcome> | box covers most of the image")
     confidence: float = Field(description="the macro answer's geometric-mean token probability, 0-1")
-    threshold: float = Field(description="zoom only below this confidence")
+    threshold: float = Field(description="zoom only below this confidence (the threshold for the question's form)")
+    multiple_choice: bool = Field(description="the question lists answer options: the choice threshold applied")
     box_area: float | None = Field(description="the box's share of the image; null without a box")
     max_box_area: float = Field(description="zoom only into boxes covering at most this share of the image")
     box_aborted: bool = Field(
@@ -193,6 +202,7 @@ class DualFocusTrace(BaseModel):
                 why=t.gate.why,
                 confidence=t.gate.confidence,
                 threshold=t.gate.threshold,
+                multiple_choice=t.gate.multiple_choice,
                 box_area=t.gate.box_area,
                 max_box_area=t.gate.max_box_area,
                 box_aborted=t.gate.box_aborted,

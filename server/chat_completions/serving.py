@@ -74,13 +74,14 @@ async def to_query(req: ChatCompletionRequest, settings: ServerSettings, engine:
     )
     options = req.dualfocus
     mode = options.mode or settings.default_mode
-    if options.zoom_threshold is not None and mode != "auto":
-        raise APIError(
-            400,
-            f"dualfocus.zoom_threshold applies to mode auto only; this request runs in mode {mode}"
-            + ("" if options.mode else " (the server's default)"),
-            param="dualfocus.zoom_threshold",
-        )
+    for name in ("zoom_threshold", "zoom_threshold_choice"):
+        if getattr(options, name) is not None and mode != "auto":
+            raise APIError(
+                400,
+                f"dualfocus.{name} applies to mode auto only; this request runs in mode {mode}"
+                + ("" if options.mode else " (the server's default)"),
+                param=f"dualfocus.{name}",
+            )
     return Query(
         question.text,
         question.images,
@@ -89,6 +90,7 @@ async def to_query(req: ChatCompletionRequest, settings: ServerSettings, engine:
         history=history,
         image_ids=question.image_ids,
         zoom_threshold=options.zoom_threshold,
+        zoom_threshold_choice=options.zoom_threshold_choice,
     )
 
 
