@@ -47,6 +47,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None  # token id (as text, as OpenAI sends it) -> bias
     logprobs: int | None = None  # None: none; k: each answer token's logprob and the k most likely
+    ignore_eos: bool = False  # go on past the end-of-sequence token, to max_tokens (vLLM's extension)
     # The answer's format (structured outputs): a JSON schema, or any JSON object.
     json_schema: dict | None = None
     json_object: bool = False

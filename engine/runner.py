@@ -154,6 +154,7 @@ class PassRunner:
                 presence_penalty=s.presence_penalty,
                 frequency_penalty=s.frequency_penalty,
                 logit_bias={**(s.logit_bias or {}), **{str(t): -100.0 for t in banned}} or None,
+                ignore_eos=s.ignore_eos,
                 # 0: only the sampled token's logprob; a request's own top-k include it.
                 logprobs=0 if token_logprobs and s.logprobs is None else s.logprobs,
                 structured_outputs=structured,

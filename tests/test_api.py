@@ -108,6 +108,7 @@ async def test_an_openai_request_becomes_the_engine_query():
         q = engine.queries[-1]
         assert q.question == "Hi." and q.images == [] and q.mode == "dualfocus" and q.runs_as == "macro"
         assert (q.sampling.max_tokens, q.sampling.temperature, q.sampling.stop) == (512, 0.0, [])
+        assert not q.sampling.ignore_eos
         await sdk(http).chat.completions.create(model=MODEL, messages=user("Hi."), max_tokens=5,
                                                 max_completion_tokens=6)
         assert engine.queries[-1].sampling.max_tokens == 6
@@ -286,7 +287,8 @@ async def test_a_conversation_becomes_history_and_the_question():
         await sdk(http).chat.completions.create(
             model=MODEL, messages=messages, logprobs=True, top_logprobs=2, presence_penalty=0.5, frequency_penalty=-1,
             logit_bias={"7": -100}, user="u1", metadata={"k": "v"}, parallel_tool_calls=False,
-            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}})
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}},
+            extra_body={"ignore_eos": True})
         q = engine.queries[-1]
         assert [(t.role, t.text, [i.size for i in t.images]) for t in q.history] == [
             ("system", "Be brief.", []), ("system", "No guessing.", []), ("user", "What is it?", [(64, 48)]),
@@ -295,6 +297,7 @@ async def test_a_conversation_becomes_history_and_the_question():
         assert [i.size for i in q.all_images] == [(64, 48), (32, 24)] and q.runs_as == "dualfocus"
         s = q.sampling
         assert (s.logprobs, s.presence_penalty, s.frequency_penalty, s.logit_bias) == (2, 0.5, -1, {"7": -100})
+        assert s.ignore_eos
         assert s.json_schema == {"type": "object"} and not s.json_object
         # A follow-up without an image of its own still runs DualFocus, on the earlier image.
         await sdk(http).chat.completions.create(model=MODEL, messages=messages[:4] + [
@@ -617,6 +620,15 @@ def test_the_serve_command_takes_the_default_mode_and_the_gate_flags():
     for bad in (["--zoom-threshold", "2"], ["--zoom-threshold-choice", "-1"], ["--default-mode", "zoom"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", *bad])
+
+
+def test_auto_dtype_is_float32_on_a_cpu_without_avx512_and_a_named_dtype_is_kept():
+    from engine.config import cpu_dtype
+
+    assert cpu_dtype("auto", "AVX2") == "float32" and cpu_dtype("auto", "NO AVX") == "float32"
+    assert cpu_dtype("auto", "AVX512") == "auto" and cpu_dtype("auto", "SVE256") == "auto"
+    assert cpu_dtype("bfloat16", "AVX2") == "bfloat16" and cpu_dtype("float16", "AVX512") == "float16"
+
 
 
 async def test_zoom_decisions_are_counted_and_fusion_only_when_it_ran():

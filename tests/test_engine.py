@@ -9,7 +9,7 @@ import pytest_asyncio
 import torch
 
 from engine import DualFocusEngine, EngineConfig, Query, Sampling
-from engine.config import CPU_BLOCK_SIZE, cpu_dtype
+from engine.config import CPU_BLOCK_SIZE
 from engine.errors import RetryableEngineError
 from engine.query import Turn
 from engine.runner import PRIORITY_NEW, ModelImage
@@ -343,12 +343,6 @@ async def test_a_system_message_goes_into_every_pass_and_all_passes_share_one_pr
     # The bf16 checkpoint computes in float32 on an x86 CPU without AVX-512 (no fast bf16 matmuls there).
     expected = torch.float32 if torch.backends.cpu.get_cpu_capability() == "AVX2" else torch.bfloat16
     assert engine.llm.vllm_config.model_config.dtype == expected
-
-
-def test_auto_dtype_is_float32_on_a_cpu_without_avx512_and_a_named_dtype_is_kept():
-    assert cpu_dtype("auto", "AVX2") == "float32" and cpu_dtype("auto", "NO AVX") == "float32"
-    assert cpu_dtype("auto", "AVX512") == "auto" and cpu_dtype("auto", "SVE256") == "auto"
-    assert cpu_dtype("bfloat16", "AVX2") == "bfloat16" and cpu_dtype("float16", "AVX512") == "float16"
 
 
 async def test_turn_two_about_the_same_image_reads_its_kv_from_the_cache(engine):

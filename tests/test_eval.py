@@ -232,7 +232,8 @@ def test_mode_auto_is_summarised_with_how_often_it_zoomed_and_its_gate_is_writte
 
     mc = {"question_id": 1, "text": SEED_STYLE, "answer": "A"}
     vqa = {"question_id": 2, "text": "Sign?", "answers": ["stop"] * 10}
-    zoomed, kept = Gate(True, "unsure", 0.3, 0.5, 0.1, 0.5, False), Gate(False, "confident", 0.9, 0.5, None, 0.5, True)
+    zoomed = Gate(True, "unsure", 0.3, 0.4, True, 0.1, 0.5, False)  # the multiple-choice question: its own threshold
+    kept = Gate(False, "confident", 0.9, 0.5, False, None, 0.5, True)
     auto = [Answer(mc, "auto", AskResult("A", Usage(1, 0, 1), mode="auto", chosen="micro", gate=zoomed)),
             Answer(vqa, "auto", AskResult("go", Usage(1, 0, 1), mode="auto", chosen="macro", gate=kept))]
     summary = summarize(auto)
@@ -241,5 +242,7 @@ def test_mode_auto_is_summarised_with_how_often_it_zoomed_and_its_gate_is_writte
     write_answers(auto, tmp_path / "answers-auto.jsonl", "m")
     rows = [json.loads(line) for line in (tmp_path / "answers-auto.jsonl").read_text().splitlines()]
     assert rows[1]["metadata"]["gate"] == {"zoomed": False, "why": "confident", "confidence": 0.9, "threshold": 0.5,
-                                           "box_area": None, "max_box_area": 0.5, "box_aborted": True}
+                                           "multiple_choice": False, "box_area": None, "max_box_area": 0.5,
+                                           "box_aborted": True}
+    assert rows[0]["metadata"]["gate"]["multiple_choice"] and rows[0]["metadata"]["gate"]["threshold"] == 0.4
     assert "zoomed" not in summarize([Answer(mc, "macro", FakeResult("A", "macro"))])

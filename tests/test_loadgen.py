@@ -50,7 +50,10 @@ def test_vllms_own_load_tool_runs_against_this_service(server, tiny_llava_path):
          "--dataset-name", "random-mm", "--num-prompts", "6", "--max-concurrency", "3", "--random-input-len", "16",
          "--random-output-len", "8", "--random-mm-base-items-per-request", "1",
          "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
-         "--random-mm-bucket-config", "{(336, 336, 1): 1.0}"],
+         "--random-mm-bucket-config", "{(336, 336, 1): 1.0}",
+         # Fixed output lengths, as vLLM's benchmarks run: a random-weight model's answer may otherwise be
+         # empty, which vllm bench counts as a failed request.
+         "--ignore-eos"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OPENAI_API_KEY": RunningServer.API_KEY})
     assert out.returncode == 0, out.stderr[-2000:]
     lines = {line.split(":")[0].strip(): line.split(":")[-1].strip() for line in out.stdout.splitlines() if ":" in line}

@@ -109,6 +109,9 @@ class ChatCompletionRequest(_Model):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    # vLLM's extension, as its OpenAI server takes it: generate past the end-of-sequence token, up to
+    # max_tokens (load tools such as `vllm bench serve --ignore-eos` use it for fixed output lengths).
+    ignore_eos: bool = False
     # Refused when they ask for something (chat_completions/messages.py says why).
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None

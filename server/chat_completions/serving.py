@@ -68,6 +68,7 @@ async def to_query(req: ChatCompletionRequest, settings: ServerSettings, engine:
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         logit_bias=req.logit_bias,
+        ignore_eos=req.ignore_eos,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         json_schema=fmt.json_schema.schema_ if fmt and fmt.type == "json_schema" and fmt.json_schema else None,
         json_object=bool(fmt and fmt.type == "json_object"),
