@@ -38,7 +38,7 @@ class EngineConfig:
     # up to a block of its earlier pass's prompt. None: 32 on CPU (vLLM's CPU default, 128, makes
     # every fork recompute up to 127 tokens), vLLM's choice elsewhere (16 on GPU).
     block_size: int | None = None
-    # "auto": the checkpoint's dtype, except float32 on a CPU without AVX-512 (cpu_dtype below).
+    # "auto": the checkpoint's dtype, except float32 on an x86 CPU without AVX-512 (cpu_dtype below).
     dtype: str = "auto"
     seed: int = 0
     box_max_tokens: int = 64
@@ -121,7 +121,7 @@ def cpu_dtype(dtype: str, capability: str | None = None) -> str:
     ("AVX2", "AVX512", ...; None: this one's). "auto" is float32 on an x86 CPU without AVX-512: vLLM's CPU backend
     then cannot build its oneDNN bf16 matmuls and falls back to torch's, at a few GFLOP/s, so the
     bf16 checkpoints the project builds served 2.5x slower than in float32 on such a machine
-    (docs/performance.md, "Where the time goes"). A dtype named explicitly is kept."""
+    (docs/performance.md, "float32 on such a CPU"). A dtype named explicitly is kept."""
     if dtype != "auto":
         return dtype
     if capability is None:

@@ -16,9 +16,8 @@ The request zooms (micro pass and fusion, as mode dualfocus) iff the answer is u
 answer (a letter among the question's options) has a threshold of its own: its confidence is
 on another scale than an open answer's (picking one of four letters at chance is 0.25, naming
 one of thousands of words is not), and a model may gain from zooming on one form and not the
-other. A confident answer
-needs no box, so the program runs the box pass only after an unsure answer (or, with
-`early_box`, beside the macro pass, aborting it when the answer is confident).
+other. A confident answer needs no box, so the program runs the box pass only after an unsure
+answer (or, with `early_box`, beside the macro pass, aborting it when the answer is confident).
 Threshold 0 never zooms; threshold 1 zooms unless every token was certain.
 """
 
@@ -30,8 +29,8 @@ from dataclasses import dataclass
 
 # The thresholds are calibrated on tiny-dualfocus's task (docs/performance.md, "Calibration"), served in
 # float32 (engine/config.py, cpu_dtype): its micro pass never changes a multiple-choice letter, so zooming on
-# one only costs (choice threshold 0), and below 0.484 on open answers auto zooms 38-41% of the questions and
-# keeps 95-96% of DualFocus's gain on two test sets. Another model's confidences differ: calibrate it the
+# one only costs (choice threshold 0), and below 0.484 on open answers auto zooms 40-42% of the questions and
+# keeps 95-100% of DualFocus's gain on two test sets. Another model's confidences differ: calibrate it the
 # same way. The box-area limit is not calibrated (a box of half the image magnifies only ~1.4x per side).
 DEFAULT_THRESHOLD = 0.484
 DEFAULT_CHOICE_THRESHOLD = 0.0

@@ -15,11 +15,12 @@
        prompt sharing the micro prompt's prefix; lower perplexity wins
 
 Mode auto (adaptive DualFocus) asks the zoom gate (engine/gate.py) whether
-zooming pays: only if the macro answer is unsure and the box gives a small
-enough crop do 3-5 run. It runs the macro pass first and the box pass only
-after an unsure answer, so a confident one costs a single pass; with the gate's
-`early_box`, 1-2 run as above and a confident macro answer that arrives before
-the box aborts the box pass (lower latency when zooming, more compute).
+zooming pays: only if the macro answer is unsure (below its form's threshold:
+multiple choice has its own) and the box gives a small enough crop do 3-5 run.
+It runs the macro pass first and the box pass only after an unsure answer, so a
+confident one costs a single pass; with the gate's `early_box`, 1-2 run as
+above and a confident macro answer that arrives before the box aborts the box
+pass (lower latency when zooming, more compute).
 
 Family details (templates, box format, coordinates) come from the adapter; the
 passes run on the pass runner (engine/runner.py), which knows vLLM.
