@@ -8,7 +8,7 @@ client (clients/python/result.py) and the load generator (loadtests/) read trace
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel, ConfigDict, Field
@@ -67,6 +67,10 @@ class StreamOptions(_Model):
 Mode = Literal["dualfocus", "auto", "macro"]
 
 
+# A zoom threshold a request may set: a confidence, 0-1 (None: the server's).
+ZoomThreshold = Annotated[float | None, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
 class DualFocusOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Mode | None = Field(
@@ -74,19 +78,13 @@ class DualFocusOptions(BaseModel):
         description="dualfocus: always zoom; auto: zoom only when the macro answer is unsure; macro: one pass. "
         "Default: the server's --default-mode (dualfocus unless set)",
     )
-    zoom_threshold: float | None = Field(
+    zoom_threshold: ZoomThreshold = Field(
         default=None,
-        ge=0.0,
-        le=1.0,
-        allow_inf_nan=False,
         description="mode auto: zoom when the macro answer's confidence is below this (0 never zooms, 1 nearly "
         "always); default: the server's --zoom-threshold",
     )
-    zoom_threshold_choice: float | None = Field(
+    zoom_threshold_choice: ZoomThreshold = Field(
         default=None,
-        ge=0.0,
-        le=1.0,
-        allow_inf_nan=False,
         description="mode auto: zoom_threshold for a multiple-choice question; default: the server's "
         "--zoom-threshold-choice",
     )
