@@ -143,9 +143,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--zoom-early-box",
         action="store_true",
-        help="start the box pass beside the macro pass and abort it when the answer is confident, as mode "
-        "dualfocus starts it: a zoomed request is one pass quicker at low load, but every request pays for "
-        "the box's prompt (default: the box pass runs only after an unsure answer)",
+        help="start the box pass as soon as the macro prompt is prefilled (for questions whose threshold is "
+        "above 0) and abort it when the answer is confident: a zoomed request does not wait for the answer, "
+        "but every such request pays for the box's prompt and a few of its tokens (default: the box pass runs "
+        "only after an unsure answer)",
     )
 
 

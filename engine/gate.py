@@ -17,7 +17,8 @@ answer (a letter among the question's options) has a threshold of its own: its c
 on another scale than an open answer's (picking one of four letters at chance is 0.25, naming
 one of thousands of words is not), and a model may gain from zooming on one form and not the
 other. A confident answer needs no box, so the program runs the box pass only after an unsure
-answer (or, with `early_box`, beside the macro pass, aborting it when the answer is confident).
+answer (or, with `early_box`, once the macro prompt is prefilled, aborting it when the answer is
+confident).
 Threshold 0 never zooms; threshold 1 zooms unless every token was certain.
 """
 
@@ -49,9 +50,10 @@ class ZoomGate:
     threshold: float = DEFAULT_THRESHOLD  # zoom only below this confidence, 0-1
     choice_threshold: float = DEFAULT_CHOICE_THRESHOLD  # the same, for a multiple-choice question's answer
     max_box_area: float = DEFAULT_MAX_BOX_AREA  # zoom only into boxes covering at most this share of the image
-    # Start the box pass beside the macro pass (as mode dualfocus does) and abort it when the answer is
-    # confident, rather than only after an unsure answer: zoomed requests finish a pass sooner at low
-    # load, but every request pays the box's prefill and some of its tokens.
+    # Start the box pass once the macro prompt is prefilled (for a question whose threshold is above 0: a
+    # threshold of 0 never zooms) and abort it when the answer is confident, rather than only after an unsure
+    # answer: a zoom does not wait for the answer, but every such request pays the box's prefill and some
+    # of its tokens.
     early_box: bool = False
 
     def __post_init__(self) -> None:
@@ -61,6 +63,10 @@ class ZoomGate:
 
     def threshold_for(self, multiple_choice: bool) -> float:
         return self.choice_threshold if multiple_choice else self.threshold
+
+    def may_zoom(self, multiple_choice: bool) -> bool:
+        """Whether any answer to a question of this form can zoom (threshold 0 never does)."""
+        return self.threshold_for(multiple_choice) > 0
 
     def confident(self, confidence: float, multiple_choice: bool) -> bool:
         """Confident enough to keep the macro answer, whatever the box says."""

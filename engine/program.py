@@ -18,9 +18,10 @@ Mode auto (adaptive DualFocus) asks the zoom gate (engine/gate.py) whether
 zooming pays: only if the macro answer is unsure (below its form's threshold:
 multiple choice has its own) and the box gives a small enough crop do 3-5 run.
 It runs the macro pass first and the box pass only after an unsure answer, so a
-confident one costs a single pass; with the gate's `early_box`, 1-2 run as
-above and a confident macro answer that arrives before the box aborts the box
-pass (lower latency when zooming, more compute).
+confident one costs a single pass; with the gate's `early_box`, the box pass
+starts once the macro prompt is prefilled (if the question's form can zoom at
+all) and a confident macro answer that arrives first aborts it (lower latency
+when zooming, more compute).
 
 Family details (templates, box format, coordinates) come from the adapter; the
 passes run on the pass runner (engine/runner.py), which knows vLLM.
@@ -112,15 +113,21 @@ async def run_dualfocus(
     async with _tasks() as tasks:
         box_task: asyncio.Task[PassOutput] | None = None
         box_aborted = False
-        if gate is None or gate.early_box:
+        if gate is None:
             # 1-2. Box first: it is on the critical path. The macro pass waits for the box
             # prompt to be prefilled (`started`), then reuses its cached prefix.
             box_task = tasks.create_task(box_pass(PRIORITY_NEW, started))
             await _first_of(started, box_task)
             macro_task = tasks.create_task(macro_pass(PRIORITY_STARTED))
-            # 2b. Auto: a confident macro answer is kept whatever the box, so if it comes first the
-            # box pass is aborted (vLLM frees its KV blocks).
-            if gate is not None:
+        else:
+            # 1-2. Auto: macro first, as a single pass would run. A confident answer needs no box, so
+            # most requests cost one pass; the box pass reads the images' KV from the macro pass's cache.
+            macro_task = tasks.create_task(macro_pass(PRIORITY_NEW, started))
+            if gate.early_box and gate.may_zoom(question.multiple_choice):
+                # Early box: start it once the macro prompt is prefilled, so a zoom does not wait for
+                # the answer; a confident answer that arrives first aborts it (vLLM frees its KV blocks).
+                await _first_of(started, macro_task)
+                box_task = tasks.create_task(box_pass(PRIORITY_STARTED))
                 await asyncio.wait({macro_task, box_task}, return_when=asyncio.FIRST_COMPLETED)
                 if (
                     macro_task.done()
@@ -130,12 +137,7 @@ async def run_dualfocus(
                     box_task.cancel()
                     await asyncio.wait({box_task})
                     box_aborted = box_task.cancelled()  # else it finished meanwhile: its box is traced
-        else:
-            # 1-2. Auto, box on demand: macro first, as a single pass would run. A confident answer
-            # needs no box, so most requests cost one pass; after an unsure one the box pass reads
-            # the images' KV from the macro pass's cache.
-            macro_task = tasks.create_task(macro_pass(PRIORITY_NEW, started))
-            if not gate.confident(_confidence(adapter, await macro_task), question.multiple_choice):
+            elif not gate.confident(_confidence(adapter, await macro_task), question.multiple_choice):
                 box_task = tasks.create_task(box_pass(PRIORITY_STARTED))
         if box_task is not None and not box_aborted:
             box = await box_task

@@ -438,10 +438,11 @@ async def test_auto_zooms_at_threshold_one_and_keeps_the_macro_answer_at_zero(en
     assert t.box is None and not t.gate.box_aborted and set(t.stages) == {"macro"}
     assert zoomed.trace.stages["box"].cached_tokens > 0
 
-    # Early box: the box pass starts beside the macro pass. A one-token answer is ready long before the
-    # box (a dozen grammar-guided tokens): its pass is aborted.
+    # Early box: the box pass starts once the macro prompt is prefilled. A three-token answer is ready long
+    # before the box (a dozen grammar-guided tokens), and at a threshold of 1e-6 (one that may zoom, so the
+    # box does start) it is confident: the box pass is aborted.
     monkeypatch.setattr(engine.config, "zoom_early_box", True)
-    short = await ask(0.0, max_tokens=1)
+    short = await ask(1e-6, max_tokens=3, ignore_eos=True)
     t = short.trace
     assert t.gate.box_aborted and t.box is None and set(t.stages) == {"macro"} and short.answer == t.macro_answer
     assert engine.num_unfinished_sequences == 0  # the aborted box pass is gone from vLLM

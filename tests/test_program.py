@@ -192,13 +192,25 @@ async def test_the_box_pass_on_demand_extends_the_conversation_as_the_macro_pass
 
 
 async def test_with_early_box_a_confident_answer_after_the_box_keeps_the_box_traced(adapter):
-    runner = FakeRunner({"box": BOX, "macro": "red"}, token_logprob={"macro": UNSURE})
-    result = await run_auto(runner, adapter, threshold=0.0, early_box=True)
-    assert [p.kind for p in runner.passes] == ["box", "macro"]  # the box came first: nothing to abort
+    runner = FakeRunner({"box": BOX, "macro": "red"}, delay={"macro": 0.05}, token_logprob={"macro": UNSURE})
+    result = await run_auto(runner, adapter, threshold=0.2, early_box=True)
+    # The macro pass first, the box once its prompt is prefilled; the box came first: nothing to abort.
+    assert [p.kind for p in runner.passes] == ["macro", "box"]
     t = result.trace
     assert result.answer == "red" and t.why == "no zoom: confident" and set(t.stages) == {"box", "macro"}
     assert t.box.outcome == "ok"  # still traced: it was there when the gate decided
     assert not t.gate.box_aborted and runner.cancelled == []
+
+
+@pytest.mark.parametrize("threshold, choice_threshold, question", [
+    (0.0, 1.0, "What colour is the square?"), (1.0, 0.0, "What colour is the square?\nA. red\nB. blue")])
+async def test_with_early_box_a_question_whose_threshold_is_zero_runs_no_box(adapter, threshold, choice_threshold,
+                                                                             question):
+    runner = FakeRunner({"box": BOX, "macro": "A"}, delay={"macro": 0.05}, token_logprob={"macro": UNSURE})
+    result = await run_auto(runner, adapter, threshold=threshold, choice_threshold=choice_threshold,
+                            early_box=True, question=question)
+    assert [p.kind for p in runner.passes] == ["macro"]  # it can never zoom: no box to start
+    assert not result.trace.gate.zoomed and not result.trace.gate.box_aborted and result.trace.box is None
 
 
 @pytest.mark.parametrize("threshold, choice_threshold, zoomed", [(1.0, 0.29, False), (0.0, 0.31, True)])
@@ -235,7 +247,7 @@ async def test_with_early_box_an_unsure_macro_answer_before_the_box_waits_for_it
     runner = FakeRunner({"box": BOX, "macro": "red", "micro": "red"}, delay={"box": 0.05},
                         token_logprob={"macro": UNSURE})
     result = await run_auto(runner, adapter, threshold=0.5, early_box=True)
-    assert runner.cancelled == [] and [p.kind for p in runner.passes] == ["box", "macro", "micro"]
+    assert runner.cancelled == [] and [p.kind for p in runner.passes] == ["macro", "box", "micro"]
     assert result.trace.gate.zoomed and not result.trace.gate.box_aborted and result.trace.box.outcome == "ok"
 
 
