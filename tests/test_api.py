@@ -630,7 +630,6 @@ def test_auto_dtype_is_float32_on_a_cpu_without_avx512_and_a_named_dtype_is_kept
     assert cpu_dtype("bfloat16", "AVX2") == "bfloat16" and cpu_dtype("float16", "AVX512") == "float16"
 
 
-
 async def test_zoom_decisions_are_counted_and_fusion_only_when_it_ran():
     results = iter([auto_result(zoomed=True), auto_result(zoomed=False), auto_result(zoomed=False)])
 
