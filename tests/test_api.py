@@ -590,6 +590,20 @@ async def test_a_bad_mode_or_threshold_is_a_400_naming_it(options, param, says):
         assert app.state.engine.queries == []
 
 
+@pytest.mark.parametrize("extra, param", [
+    ({"dualfocus": {"mode": "macro", "zoom_threshold": 0.5}}, "dualfocus.zoom_threshold"),
+    ({"max_tokens": 10**6}, "max_tokens"),
+])
+async def test_a_request_refused_for_its_options_is_refused_before_its_images_are_decoded(extra, param):
+    # The image is not a PNG: had it been decoded first, the error would be about the image.
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"not a picture").decode()
+    async with serving() as (_, http):
+        r = await http.post("/v1/chat/completions", json={**body("Hi.", not_an_image), **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.json()
+        r = await http.post("/v1/chat/completions", json=body("Hi.", not_an_image))
+        assert r.status_code == 400 and "image" in r.json()["error"]["message"], r.json()
+
+
 async def test_the_default_mode_applies_to_requests_that_name_none():
     async with serving(default_mode="auto") as (app, http):
         engine = app.state.engine

@@ -37,7 +37,8 @@ log = logging.getLogger("dualfocus.requests")
 
 
 async def to_query(req: ChatCompletionRequest, settings: ServerSettings, engine: EngineClient) -> Query:
-    """Decode: the conversation (chat_completions/messages.py) and the sampling -> Query. Images
+    """Decode: the conversation (chat_completions/messages.py) and the sampling -> Query. Every
+    check that needs no pixels runs first, so a refused request costs no image decoding; images
     are decoded on the engine's image workers."""
     max_model_len = engine.model_info.max_model_len
     if req.model != settings.model_name:
@@ -48,7 +49,6 @@ async def to_query(req: ChatCompletionRequest, settings: ServerSettings, engine:
             code="model_not_found",
         )
     refuse_unsupported(req)
-    history, question = await to_conversation(req.messages, settings, engine.image_workers)
     max_tokens = req.max_completion_tokens or req.max_tokens or min(512, max_model_len)
     if max_tokens >= max_model_len:
         raise APIError(
@@ -57,6 +57,16 @@ async def to_query(req: ChatCompletionRequest, settings: ServerSettings, engine:
             "tokens with any prompt",
             param="max_tokens",
         )
+    options = req.dualfocus
+    mode = options.mode or settings.default_mode
+    for name in ("zoom_threshold", "zoom_threshold_choice"):
+        if getattr(options, name) is not None and mode != "auto":
+            raise APIError(
+                400,
+                f"dualfocus.{name} applies to mode auto only; this request runs in mode {mode}"
+                + ("" if options.mode else " (the server's default)"),
+                param=f"dualfocus.{name}",
+            )
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     fmt = req.response_format
     sampling = Sampling(
@@ -73,16 +83,7 @@ async def to_query(req: ChatCompletionRequest, settings: ServerSettings, engine:
         json_schema=fmt.json_schema.schema_ if fmt and fmt.type == "json_schema" and fmt.json_schema else None,
         json_object=bool(fmt and fmt.type == "json_object"),
     )
-    options = req.dualfocus
-    mode = options.mode or settings.default_mode
-    for name in ("zoom_threshold", "zoom_threshold_choice"):
-        if getattr(options, name) is not None and mode != "auto":
-            raise APIError(
-                400,
-                f"dualfocus.{name} applies to mode auto only; this request runs in mode {mode}"
-                + ("" if options.mode else " (the server's default)"),
-                param=f"dualfocus.{name}",
-            )
+    history, question = await to_conversation(req.messages, settings, engine.image_workers)
     return Query(
         question.text,
         question.images,
